@@ -1,0 +1,1 @@
+"""edgeloop cloud side: ingest, store, training, registry, rollouts."""

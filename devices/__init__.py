@@ -1,0 +1,1 @@
+"""Simulated devices, device profiles and the demo."""

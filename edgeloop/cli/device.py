@@ -1,0 +1,7 @@
+"""``edgeloop device``."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="device commands.", no_args_is_help=True)

@@ -1,0 +1,7 @@
+"""``edgeloop model``."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="model commands.", no_args_is_help=True)

@@ -1,0 +1,1 @@
+"""edgeloop device runtime: everything that runs on a device."""
