@@ -1,0 +1,1 @@
+"""Uplinks: one interface (base.py), one module per cloud."""
