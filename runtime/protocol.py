@@ -245,7 +245,7 @@ class ResultBatch(Wire):
     ts: list[float]
     model_version: list[int]
     y_pred: list[float | None]
-    x: list[list[float | None]] | None = None
+    x: list[list[float | None] | None] | None = None
     features: tuple[FeatureName, ...] | None = None
     y_true: list[float | None] | None = None
 
@@ -263,7 +263,7 @@ class ResultBatch(Wire):
             if col is not None and len(col) != n:
                 raise ValueError(f"{name} has {len(col)} entries for {n} sequence numbers")
         if self.x is not None:
-            widths = {len(r) for r in self.x}
+            widths = {len(r) for r in self.x if r is not None}
             if len(widths) > 1:
                 raise ValueError("x rows differ in width")
             if self.features is not None and widths and widths != {len(self.features)}:
