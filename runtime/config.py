@@ -132,6 +132,8 @@ class DeviceSettings(_Section):
     group: Identifier | None = None
     state_dir: Path
     public_key: Path
+    #: Input feature names in order (the device's input schema); default: the active model's.
+    features: tuple[Annotated[str, StringConstraints(min_length=1, max_length=128)], ...] = ()
     broker: BrokerSettings = BrokerSettings()
     source: SourceSettings = SourceSettings()
     batch: BatchSettings = BatchSettings()
