@@ -465,6 +465,18 @@ class Outbox:
         rows = nbytes = 0
         last = -1
         bound = "" if below is None else f" AND seq < {int(below)}"
+        if need_bytes <= 0:  # only the row cap: find the cut and the sizes in SQL, no rows to Python
+            cut = (
+                db.execute(
+                    f"SELECT seq FROM {stream} WHERE seq >= 0{bound} ORDER BY seq LIMIT 1 OFFSET ?", (need_rows - 1,)
+                ).fetchone()
+                or db.execute(f"SELECT max(seq) FROM {stream} WHERE seq >= 0{bound}").fetchone()
+            )
+            if cut[0] is not None:
+                last = cut[0]
+                rows, nbytes = db.execute(
+                    f"SELECT count(*), coalesce(sum({_SIZE_SQL[stream]}), 0) FROM {stream} WHERE seq <= ?", (last,)
+                ).fetchone()
         while rows < need_rows or nbytes < need_bytes:
             limit = max(need_rows - rows, (need_bytes - nbytes) // avg + 1, 16)
             chunk = db.execute(

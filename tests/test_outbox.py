@@ -579,8 +579,18 @@ def test_append_throughput_is_printed(db: Path, capsys: pytest.CaptureFixture[st
     drain = n / (time.perf_counter() - t0)
     assert n == 2 * batch * batches and o.depth()["results"] == 0
     o.close()
+    full = Outbox(db.with_name("full.db"), max_rows=50 * batch, max_bytes=BIG_BYTES)
+    for i in range(50):
+        full.append_results(ts + i * batch, mv, y, x, y)
+    t0 = time.perf_counter()
+    for i in range(batches):
+        full.append_results(ts + i * batch, mv, y, x, y)
+    at_cap = batch * batches / (time.perf_counter() - t0)
+    assert full.dropped()["results"] == batch * batches and full.depth()["results"] == 50 * batch
+    full.close()
     with capsys.disabled():
         print(
             f"\noutbox: append {with_x:,.0f} rows/s with 8 features + y_true, {without_x:,.0f} rows/s without x "
-            f"(batches of {batch}); claim+mark_sent+ack {drain:,.0f} rows/s (batches of 2000)"
+            f"(batches of {batch}); {at_cap:,.0f} rows/s at the row cap (each append drops as many); "
+            f"claim+mark_sent+ack {drain:,.0f} rows/s (batches of 2000)"
         )
