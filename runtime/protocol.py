@@ -68,7 +68,7 @@ __all__ = [
     "topic",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Literal[1] = 1
 #: Largest payload any decoder accepts; larger ones are rejected before JSON parsing.
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MAX_FEATURES = 1024
@@ -502,7 +502,10 @@ def decode_command(payload: bytes | str) -> PingCommand | RollbackCommand | Flus
     if not isinstance(data, dict):
         raise ProtocolError("must be a JSON object", kind="Command")
     try:
-        return _command_adapter.validate_python(data)  # type: ignore[no-any-return]
+        result: PingCommand | RollbackCommand | FlushCommand | SetCaptureRateCommand | GetStateCommand = (
+            _command_adapter.validate_python(data)
+        )
+        return result
     except ValidationError as exc:
         field, msg = _first_error(exc)
         raise ProtocolError(msg, field=field or None, kind="Command") from None
