@@ -1,0 +1,284 @@
+"""PostgreSQL backend (psycopg 3): rows by binary COPY, least-squares sums as SQL aggregates."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+
+from cloud.errors import MissingDependencyError, StoreError
+from cloud.store.base import BatchKey, Segment, Store, StreamKey, check_features
+from cloud.store.records import LabelledChunk, RowKey, Window
+from cloud.store.watermarks import StreamState
+
+__all__ = ["PostgresStore"]
+
+#: Above this many features the d(d+1)/2 product sums no longer fit a sensible SELECT list;
+#: the sums are then taken in numpy over server-side-cursor chunks instead.
+MAX_SQL_FEATURES = 40
+_SCHEMA_LOCK = 0x6564_6765_6C6F_6F70 & (2**63 - 1)  # "edgeloop"
+_COPY_TYPES = ["text", "int8", "float8", "int8", "float8", "float8[]", "float8", "int4"]
+
+
+class PostgresStore(Store):
+    """``postgresql://user@host:port/db`` — any libpq URL, e.g. with ``?options=-csearch_path%3Dmy_schema``
+    to keep the tables in one schema. Needs the ``cloud`` extra (psycopg 3)."""
+
+    dialect = "postgres"
+
+    def __init__(self, url: str, max_connections: int = 4) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise MissingDependencyError("psycopg", "cloud", "a PostgreSQL store") from exc
+        self._pg = psycopg
+        super().__init__(url, max_connections=max_connections)
+
+    # ------------------------------------------------------------------ connection hooks
+
+    def _connect(self) -> Any:
+        try:
+            return self._pg.connect(self.url, autocommit=False, connect_timeout=10)
+        except self._pg.Error as exc:
+            raise StoreError(f"cannot connect: {exc}".strip(), _redact(self.url)) from exc
+
+    def _disconnect(self, conn: Any) -> None:
+        conn.close()
+
+    def _begin(self, conn: Any, write: bool) -> None:
+        pass  # psycopg opens a transaction with the first statement
+
+    def _commit(self, conn: Any) -> None:
+        conn.commit()
+
+    def _rollback(self, conn: Any) -> None:
+        conn.rollback()
+
+    def _translate(self, exc: BaseException) -> StoreError | None:
+        if isinstance(exc, self._pg.Error):
+            return StoreError(f"{type(exc).__name__}: {exc}".strip(), _redact(self.url))
+        return None
+
+    def _is_broken(self, conn: Any) -> bool:
+        return bool(conn.broken or conn.closed)
+
+    def _lock_schema(self, conn: Any) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def _greatest(self, a: str, b: str) -> str:
+        return f"GREATEST({a}, {b})"
+
+    def _executemany(self, conn: Any, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with conn.cursor() as cur:
+            cur.executemany(self._q(sql), rows)
+
+    # ------------------------------------------------------------------ ingest hooks
+
+    def _lock_watermarks(self, conn: Any, keys: list[StreamKey], now: float) -> dict[StreamKey, StreamState]:
+        devices = [d for d, _ in keys]
+        streams = [s for _, s in keys]
+        conn.execute(
+            "INSERT INTO watermarks (device, stream, watermark, ranges, updated) "
+            "SELECT d, s, -1, '[]', %s FROM unnest(%s::text[], %s::text[]) AS u(d, s) ORDER BY d, s "
+            "ON CONFLICT (device, stream) DO NOTHING",
+            (now, devices, streams),
+        )
+        # Locked in key order, so two ingesters sharing devices cannot deadlock.
+        rows = conn.execute(
+            "SELECT w.device, w.stream, w.watermark, w.ranges FROM watermarks w "
+            "JOIN unnest(%s::text[], %s::text[]) AS u(d, s) ON w.device = u.d AND w.stream = u.s "
+            "ORDER BY w.device, w.stream FOR UPDATE OF w",
+            (devices, streams),
+        ).fetchall()
+        return {(d, s): StreamState.from_json(w, r) for d, s, w, r in rows}
+
+    def _claim(self, conn: Any, keys: list[tuple[str, str, int, int, float, str | None, int | None]]) -> set[BatchKey]:
+        cols = [list(c) for c in zip(*keys, strict=True)]
+        rows = conn.execute(
+            "INSERT INTO result_batches (device, stream, seq_first, seq_last, received, model, fset) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::int8[], %s::int8[], %s::float8[], %s::text[], %s::int4[]) "
+            "ON CONFLICT (device, stream, seq_first, seq_last) DO NOTHING "
+            "RETURNING device, stream, seq_first, seq_last",
+            cols,
+        ).fetchall()
+        return {(d, s, int(a), int(b)) for d, s, a, b in rows}
+
+    def _insert_results(self, conn: Any, segments: list[Segment]) -> int:
+        total = 0
+        with (
+            conn.cursor() as cur,
+            cur.copy(
+                "COPY results (device, seq, ts, model_version, y_pred, x, y_true, fset) FROM STDIN (FORMAT BINARY)"
+            ) as copy,
+        ):
+            copy.set_types(_COPY_TYPES)
+            write = copy.write_row
+            for seg in segments:
+                b = seg.batch
+                for first, last in seg.spans:
+                    i0, i1 = first - b.seq_first, last - b.seq_first + 1
+                    total += i1 - i0
+                    rows = zip(
+                        repeat(b.device),
+                        range(first, last + 1),
+                        b.ts[i0:i1],
+                        b.model_version[i0:i1],
+                        b.y_pred[i0:i1],
+                        b.x[i0:i1] if b.x is not None else repeat(None),
+                        b.y_true[i0:i1] if b.y_true is not None else repeat(None),
+                        repeat(seg.fset),
+                    )
+                    for row in rows:
+                        write(row)
+        return total
+
+    def _decode_x(self, value: Any) -> tuple[float | None, ...] | None:
+        return None if value is None else tuple(value)
+
+    # ------------------------------------------------------------------ labelled data
+
+    def _rows_sql(
+        self,
+        conn: Any,
+        features: tuple[str, ...],
+        window: Window,
+        before: RowKey | None,
+        since: RowKey | None,
+    ) -> tuple[str, list[Any]]:
+        """``SELECT f0..f{d-1}, y, ts, device, seq`` of the labelled rows complete in ``features``."""
+        maps = self._feature_maps(conn, features)
+        # Which rows: batches that named all features, or unnamed ones of exactly d columns.
+        conds: list[str] = []
+        where_args: list[Any] = []
+        for ids, _ in maps:
+            named = [i for i in ids if i >= 0]
+            if named:
+                conds.append("fset = ANY(%s::int4[])")
+                where_args.append(named)
+            if -1 in ids:
+                conds.append(f"(fset IS NULL AND array_length(x, 1) = {len(features)})")
+        # Their columns: one subscript per feature, or a CASE when feature sets order them differently.
+        col_args: list[Any] = []
+        if len(maps) == 1:
+            cols = [f"x[{i + 1}] AS f{j}" for j, i in enumerate(maps[0][1])]
+        else:
+            cols = []
+            for j in range(len(features)):
+                whens = []
+                for ids, idx in maps:
+                    named = [i for i in ids if i >= 0]
+                    if named:
+                        whens.append(f"WHEN fset = ANY(%s::int4[]) THEN x[{idx[j] + 1}]")
+                        col_args.append(named)
+                    if -1 in ids:
+                        whens.append(f"WHEN fset IS NULL THEN x[{idx[j] + 1}]")
+                cols.append(f"CASE {' '.join(whens)} END AS f{j}")
+        where = ["y_true IS NOT NULL", "(" + " OR ".join(conds) + ")"]
+        if window.start is not None:
+            where.append("ts >= %s")
+            where_args.append(window.start)
+        if window.end is not None:
+            where.append("ts < %s")
+            where_args.append(window.end)
+        if before is not None:
+            where.append("(ts, device, seq) < (%s::float8, %s::text, %s::int8)")
+            where_args += [before.ts, before.device, before.seq]
+        if since is not None:
+            where.append("ts >= %s AND (ts, device, seq) >= (%s::float8, %s::text, %s::int8)")
+            where_args += [since.ts, since.ts, since.device, since.seq]
+        inner = f"SELECT {', '.join(cols)}, y_true AS y, ts, device, seq FROM results WHERE {' AND '.join(where)}"
+        complete = " AND ".join(f"f{j} IS NOT NULL" for j in range(len(features)))
+        return f"SELECT * FROM ({inner}) AS r WHERE {complete}", col_args + where_args
+
+    def count_labelled(self, features: Sequence[str], window: Window = Window()) -> int:
+        feats = check_features(features)
+        with self._tx() as conn:
+            sql, args = self._rows_sql(conn, feats, window, None, None)
+            return int(conn.execute(f"SELECT count(*) FROM ({sql}) AS c", args).fetchone()[0])
+
+    def newest_cutoff(self, features: Sequence[str], n: int, window: Window = Window()) -> RowKey | None:
+        feats = check_features(features)
+        if n < 1:
+            return None
+        with self._tx() as conn:
+            sql, args = self._rows_sql(conn, feats, window, None, None)
+            row = conn.execute(
+                f"SELECT ts, device, seq FROM ({sql}) AS c ORDER BY ts DESC, device DESC, seq DESC LIMIT 1 OFFSET %s",
+                [*args, n - 1],
+            ).fetchone()
+        return None if row is None else RowKey(float(row[0]), str(row[1]), int(row[2]))
+
+    def sufficient_stats(
+        self,
+        features: Sequence[str],
+        window: Window = Window(),
+        *,
+        before: RowKey | None = None,
+        since: RowKey | None = None,
+    ) -> Any:
+        from cloud.training import SuffStats
+
+        feats = check_features(features)
+        d = len(feats)
+        if d > MAX_SQL_FEATURES:
+            return super().sufficient_stats(feats, window, before=before, since=since)
+        pairs = [(i, j) for i in range(d) for j in range(i, d)]
+        aggs = ["count(*)", "min(ts)", "max(ts)", "sum(y)", "sum(y * y)"]
+        aggs += [f"sum(f{i})" for i in range(d)]
+        aggs += [f"sum(f{i} * y)" for i in range(d)]
+        aggs += [f"sum(f{i} * f{j})" for i, j in pairs]
+        with self._tx() as conn:
+            sql, args = self._rows_sql(conn, feats, window, before, since)
+            row = conn.execute(f"SELECT {', '.join(aggs)} FROM ({sql}) AS s", args).fetchone()
+        n = int(row[0])
+        if n == 0:
+            return SuffStats.zeros(d)
+        vals = [float(v) for v in row[3:]]
+        sy, syy = vals[0], vals[1]
+        sx = vals[2 : 2 + d]
+        sxy = vals[2 + d : 2 + 2 * d]
+        xtx = np.empty((d + 1, d + 1))
+        for (i, j), v in zip(pairs, vals[2 + 2 * d :], strict=True):
+            xtx[i, j] = xtx[j, i] = v
+        xtx[d, :d] = xtx[:d, d] = sx
+        xtx[d, d] = n
+        xty = np.array([*sxy, sy])
+        return SuffStats(xtx=xtx, xty=xty, yty=syy, n=n, window=(float(row[1]), float(row[2])))
+
+    def labelled_rows(
+        self,
+        features: Sequence[str],
+        window: Window = Window(),
+        *,
+        before: RowKey | None = None,
+        since: RowKey | None = None,
+        chunk_rows: int = 100_000,
+    ) -> Iterator[LabelledChunk]:
+        feats = check_features(features)
+        if chunk_rows < 1:
+            raise ValueError("chunk_rows must be >= 1")
+        d = len(feats)
+        with self._tx() as conn:
+            sql, args = self._rows_sql(conn, feats, window, before, since)
+            cols = ", ".join([*(f"f{j}" for j in range(d)), "y", "ts"])
+            with conn.cursor(name=f"labelled_{uuid.uuid4().hex[:8]}", binary=True) as cur:
+                cur.itersize = chunk_rows
+                cur.execute(f"SELECT {cols} FROM ({sql}) AS r", args)
+                while rows := cur.fetchmany(chunk_rows):
+                    a = np.array(rows, dtype=np.float64).reshape(len(rows), d + 2)
+                    yield LabelledChunk(a[:, :d], a[:, d].copy(), a[:, d + 1].copy())
+
+
+def _redact(url: str) -> str:
+    """The URL without a password, for messages."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
