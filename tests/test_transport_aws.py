@@ -61,11 +61,13 @@ class AwsBroker:
         return self.certs[cn]
 
 
-@pytest.fixture(scope="module")
-def aws_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsBroker]:
-    folder = tmp_path_factory.mktemp("aws-broker")
-    pki = Pki.create(folder / "pki")
-    server_cert, server_key = pki.server()
+def _broker_config(folder: Path, pki: Pki, port: int) -> str:
+    server_cert, server_key = folder / "server.pem", folder / "server.key"
+    if not server_cert.exists():
+        cert, key = pki.server()
+        server_cert.write_bytes(cert.read_bytes())
+        server_key.write_bytes(key.read_bytes())
+        server_key.chmod(0o600)
     acl = folder / "acl"
     acl.write_text(
         textwrap.dedent(
@@ -78,8 +80,7 @@ def aws_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsBroker]:
             """
         )
     )
-    port = free_port()
-    config = (
+    return (
         "per_listener_settings false\n"
         "allow_anonymous false\n"
         "persistence false\n"
@@ -88,7 +89,14 @@ def aws_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsBroker]:
         "log_type error\nlog_type warning\nlog_type notice\nlog_type information\nlog_type debug\n"
         + tls_listener(port, pki.ca_cert, server_cert, server_key)
     )
-    with run_mosquitto(folder, config, port) as broker:
+
+
+@pytest.fixture(scope="module")
+def aws_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsBroker]:
+    folder = tmp_path_factory.mktemp("aws-broker")
+    pki = Pki.create(folder / "pki")
+    port = free_port()
+    with run_mosquitto(folder, _broker_config(folder, pki, port), port) as broker:
         yield AwsBroker(port=port, pki=pki, folder=folder, log=broker.log)
 
 
@@ -360,6 +368,52 @@ def test_plain_broker_is_not_throttled(tmp_path: Path, aws_broker: AwsBroker) ->
             rate = n / (time.perf_counter() - t0)
         print(f"aws-iot: {n} QoS 1 publishes at {rate:.0f} msg/s (flow control off)")
         assert rate > 150, f"only {rate:.0f} msg/s: is client-side flow control still on?"
+
+    run_async(scenario())
+
+
+def test_reconnects_after_a_broker_restart_and_resubscribes(tmp_path: Path, aws_broker: AwsBroker) -> None:
+    """The SDK reconnects with backoff by itself; we resubscribe, so desired state published meanwhile arrives."""
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    port = free_port()
+    broker = AwsBroker(
+        port=port, pki=aws_broker.pki, folder=folder, log=folder / "mosquitto.log", certs=aws_broker.certs
+    )
+    config = _broker_config(folder, broker.pki, port)
+    name = "dev-" + uuid.uuid4().hex[:8]
+    uplink = AwsIotUplink.from_settings(_settings(tmp_path, broker, name))
+    rec = Recorder(uplink)
+
+    async def until_up() -> None:
+        async with asyncio.timeout(30):
+            await rec.up.wait()
+
+    async def scenario() -> None:
+        with run_mosquitto(folder, config, port):
+            await uplink.start()
+            await until_up()
+            await uplink.publish("results", _batch(name, 0))
+        # broker gone
+        await wait_until_async(lambda: not uplink.connected, 15, "the disconnect")
+        assert rec.ups == [True, False]
+        with pytest.raises(TransportError, match="not connected"):
+            await uplink.publish("results", _batch(name, 1))
+        with run_mosquitto(folder, config, port):
+            cloud = Cloud(broker)
+            try:
+                desired = protocol.DesiredState(device=name, issued_at=2.0).to_bytes()
+                cloud.publish(f"edgeloop/{FLEET}/{name}/desired", desired, retain=True)
+                await until_up()
+                assert rec.ups == [True, False, True]
+                await wait_until_async(lambda: bool(rec.of("desired")), 10, "desired after the reconnect")
+                assert rec.of("desired") == [desired]
+                cloud.subscribe(f"edgeloop/{FLEET}/{name}/results")
+                await uplink.publish("results", _batch(name, 1))
+                await wait_until_async(lambda: bool(cloud.on(f"edgeloop/{FLEET}/{name}/results")), 10, "results")
+            finally:
+                await uplink.stop()
+                cloud.close()
 
     run_async(scenario())
 

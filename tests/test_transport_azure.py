@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -100,7 +101,7 @@ else:
     class IoTHub:
         """Answers IoT Hub's MQTT device API on a plain broker, like the hub (one device at a time)."""
 
-        def __init__(self, ca: Path, port: int = HUB_PORT) -> None:
+        def __init__(self, ca: Path, cert: tuple[Path, Path] | None = None) -> None:
             self.desired: dict[str, Any] = {"$version": 1}
             self.reported: dict[str, Any] = {"$version": 1}
             self.events: list[tuple[str, dict[str, str], bytes]] = []
@@ -110,11 +111,14 @@ else:
             self.lock = threading.Lock()
             self._rid = 0
             self.client = paho.Client(client_id=f"hub-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv311)
-            self.client.tls_set_context(ssl.create_default_context(cafile=str(ca)))  # paho 1.6's tls_set warns
+            context = ssl.create_default_context(cafile=str(ca))  # (paho 1.6's tls_set() warns)
+            if cert is not None:
+                context.load_cert_chain(str(cert[0]), str(cert[1]))
+            self.client.tls_set_context(context)
             self.client.on_message = self._on_message
             ready = threading.Event()
             self.client.on_subscribe = lambda *a: ready.set()
-            self.client.connect("localhost", port)
+            self.client.connect("localhost", HUB_PORT)
             self.client.loop_start()
             self.client.subscribe(
                 [
@@ -184,22 +188,28 @@ else:
     def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         return Pki.create(tmp_path_factory.mktemp("azure-pki"))
 
-    @pytest.fixture(scope="module")
-    def broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    @contextmanager
+    def hub_broker(pki: Pki, folder: Path, *, client_certs: bool = False) -> Iterator[None]:
+        """Mosquitto on 127.0.0.1:8883 with TLS; with ``client_certs`` it requires X.509 device certificates."""
         _in_netns()
         cert, key = pki.server()
         config = (
             "allow_anonymous true\npersistence false\nlog_dest stdout\n"
             f"listener {HUB_PORT} 127.0.0.1\ncafile {pki.ca_cert}\ncertfile {cert}\nkeyfile {key}\n"
         )
-        with run_mosquitto(tmp_path_factory.mktemp("azure-broker"), config, HUB_PORT):
+        if client_certs:
+            config += "require_certificate true\nuse_identity_as_username true\n"
+        with run_mosquitto(folder, config, HUB_PORT):
             yield
 
     @pytest.fixture
-    def hub(broker: None, pki: Pki) -> Iterator[IoTHub]:
-        h = IoTHub(pki.ca_cert)
-        yield h
-        h.close()
+    def hub(pki: Pki, tmp_path: Path) -> Iterator[IoTHub]:
+        with hub_broker(pki, tmp_path / "broker"):
+            h = IoTHub(pki.ca_cert)
+            try:
+                yield h
+            finally:
+                h.close()
 
     def _key() -> str:
         return base64.b64encode(os.urandom(32)).decode()
@@ -414,6 +424,30 @@ else:
                 await uplink.stop()
 
         run_async(scenario())
+
+    def test_x509_device_certificate_instead_of_a_key(tmp_path: Path, pki: Pki) -> None:
+        """Device authenticated by its certificate (hub host from broker.url): the broker requires it."""
+        device = "dev-" + uuid.uuid4().hex[:6]
+        cert, key = pki.client(device)
+        settings = _settings(tmp_path, pki, device, connection_string=None, cert=cert, key=key)
+
+        async def scenario(hub: IoTHub) -> None:
+            uplink = AzureIotUplink.from_settings(settings)
+            rec = Recorder(uplink)
+            await _connected(uplink, rec)
+            try:
+                await uplink.publish("telemetry", b'{"x509":1}')
+            finally:
+                await uplink.stop()
+
+        with hub_broker(pki, tmp_path / "broker", client_certs=True):
+            hub = IoTHub(pki.ca_cert, cert=pki.client("hub"))
+            try:
+                run_async(scenario(hub))
+                wait_until(lambda: bool(hub.events_of("telemetry")), 10, "the x509 device's message")
+                assert hub.events[0][0] == f"devices/{device}"
+            finally:
+                hub.close()
 
     def test_edge_module_from_the_edge_environment(
         tmp_path: Path, pki: Pki, hub: IoTHub, monkeypatch: pytest.MonkeyPatch
