@@ -5,11 +5,12 @@ API at a glance (all synchronous; each call is one short transaction; see :class
     store = open_store("sqlite:///cloud.db")            # or "postgresql://host/db"
     # ingest (exactly once) and acks
     r = store.ingest(results=[...], telemetry=[...], stats=[...])   # -> IngestResult
-    r.watermarks["dev-1"]                               # {"results": 41, "telemetry": 7}
+    r["dev-1"]                                          # {"results": 41, "telemetry": 7}: ack it
+    r.rows_stored, r.duplicates, r.rejected
     store.watermarks("dev-1")
     # devices
-    store.update_device_from_reported(reported, fleet)  # ReportedState
-    store.update_device_status(status, fleet)           # Status (online/offline)
+    store.update_device_from_reported(reported, fleet=f)  # ReportedState
+    store.update_device_from_status(status, fleet=f)    # Status (online/offline)
     store.update_device_from_telemetry(telemetry)       # device row only
     store.set_device_desired("dev-1", desired)          # DesiredState last published
     store.get_device("dev-1"); store.list_devices(fleet=None, group=None)

@@ -93,7 +93,11 @@ class Store(CatalogMixin, ABC):
         self.url = url
         self._pool: Pool[Any] = Pool(self._connect, self._disconnect, max_connections, timeout)
         self._fsets: dict[tuple[str, ...], int] = {}
-        self._create_schema()
+        try:
+            self._create_schema()
+        except BaseException:
+            self._pool.close()
+            raise
 
     # ------------------------------------------------------------------ backend hooks
 
@@ -264,11 +268,8 @@ class Store(CatalogMixin, ABC):
                     segments.append(Segment(b, fsets.get(b.features or ()), spans))
             out.rows_stored = self._insert_results(conn, segments) if segments else 0
 
-            tel_rows = [
-                (t.device, t.seq, t.ts, now, t.model_dump_json())
-                for _, t in tels
-                if self._single(states[(t.device, "telemetry")], t, new, out)
-            ]
+            stored_tels = [t for _, t in tels if self._single(states[(t.device, "telemetry")], t, new, out)]
+            tel_rows = [(t.device, t.seq, t.ts, now, t.model_dump_json()) for t in stored_tels]
             if tel_rows:
                 self._executemany(
                     conn, "INSERT INTO telemetry (device, seq, ts, received, payload) VALUES (?, ?, ?, ?, ?)", tel_rows
@@ -298,7 +299,7 @@ class Store(CatalogMixin, ABC):
             for device, fleet in sorted(fleets.items()):
                 self._touch_device(conn, device, fleet, now)
             latest: dict[str, Telemetry] = {}
-            for _, t in tels:
+            for t in stored_tels:
                 if t.device not in latest or t.ts >= latest[t.device].ts:
                     latest[t.device] = t
             for t in latest.values():
@@ -382,7 +383,7 @@ class Store(CatalogMixin, ABC):
         )
 
     def update_device_from_reported(
-        self, reported: ReportedState, fleet: str | None = None, now: float | None = None
+        self, reported: ReportedState, *, fleet: str | None = None, now: float | None = None
     ) -> None:
         """Record a ``ReportedState`` (kept in history) and apply it to the device row unless an
         already applied one carries a later device timestamp (retained messages can be stale)."""
@@ -421,7 +422,7 @@ class Store(CatalogMixin, ABC):
                 ),
             )
 
-    def update_device_status(self, status: Status, fleet: str | None = None, now: float | None = None) -> None:
+    def update_device_from_status(self, status: Status, *, fleet: str | None = None, now: float | None = None) -> None:
         """Apply an online/offline ``Status``. Applied in arrival order: a will message's timestamp
         is its connect time, so device timestamps cannot order status messages."""
         now = time.time() if now is None else now
@@ -433,7 +434,7 @@ class Store(CatalogMixin, ABC):
             )
 
     def update_device_from_telemetry(
-        self, telemetry: Telemetry, fleet: str | None = None, now: float | None = None
+        self, telemetry: Telemetry, *, fleet: str | None = None, now: float | None = None
     ) -> None:
         """Apply telemetry to the device row only (no telemetry history, no watermark; :meth:`ingest`
         does all three). Older telemetry than the applied one (by device ts) is ignored."""
@@ -444,7 +445,7 @@ class Store(CatalogMixin, ABC):
             self._touch_device(conn, telemetry.device, fleet, now)
             self._apply_telemetry(conn, telemetry)
 
-    def set_device_desired(self, device: str, desired: DesiredState | None, now: float | None = None) -> None:
+    def set_device_desired(self, device: str, desired: DesiredState | None, *, now: float | None = None) -> None:
         """Record the desired state last published for ``device`` (None clears it)."""
         now = time.time() if now is None else now
         payload = desired.model_dump_json(by_alias=True) if desired is not None else None

@@ -83,10 +83,12 @@ class CatalogMixin:
         )
 
     def get_model_version(
-        self, name: str, version: int | Literal["latest", "champion"] = "latest"
+        self, name: str, version: int | Literal["latest", "champion"] | None = "latest"
     ) -> ModelVersionRecord | None:
-        """One version of ``name``: a number, ``"latest"`` (highest registered, not revoked) or
-        ``"champion"`` (the production pointer). None when there is none."""
+        """One version of ``name``: a number, ``"latest"`` or None (highest registered, not revoked)
+        or ``"champion"`` (the production pointer). None when there is none."""
+        if version is None:
+            version = "latest"
         with self._tx() as conn:
             champion = self._champion(conn, name)
             if version == "champion":
@@ -126,7 +128,7 @@ class CatalogMixin:
             if cur.rowcount == 0:
                 raise NotFoundError("model version", f"{name}:{version}")
 
-    def set_champion(self, name: str, version: int, now: float | None = None) -> None:
+    def set_champion(self, name: str, version: int, *, now: float | None = None) -> None:
         """Point ``name``'s champion (the production version new training is compared with) at ``version``."""
         now = time.time() if now is None else now
         with self._tx(write=True) as conn:

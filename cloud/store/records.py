@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -78,12 +79,13 @@ class Rejected:
 
 
 @dataclass(slots=True)
-class IngestResult:
-    """What one :meth:`Store.ingest` call stored.
+class IngestResult(Mapping[str, dict[str, int]]):
+    """What one :meth:`Store.ingest` call stored; as a mapping, ``device -> {stream: watermark}``.
 
     ``watermarks`` has an entry for every (device, stream) seen in the call — including those of
     duplicate messages, whose earlier ack the device evidently missed — so the caller publishes one
-    ``Ack(device, watermarks[device])`` per device after the call returns (i.e. after the commit).
+    ``Ack(device, result[device])`` per device after the call returns (i.e. after the commit).
+    ``duplicates`` counts rows (and telemetry/stats messages) received but not stored again.
     """
 
     watermarks: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -94,6 +96,15 @@ class IngestResult:
     stats_stored: int = 0
     duplicates: int = 0
     rejected: list[Rejected] = field(default_factory=list)
+
+    def __getitem__(self, device: str) -> dict[str, int]:
+        return self.watermarks[device]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.watermarks)
+
+    def __len__(self) -> int:
+        return len(self.watermarks)
 
 
 @dataclass(frozen=True, slots=True)
