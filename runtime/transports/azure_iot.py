@@ -300,11 +300,16 @@ class AzureIotUplink(Uplink):
             self._notify(False)
 
     async def _resync_after_reconnect(self) -> None:
-        try:
-            await self._sync()
-        except TransportError as exc:
-            self.last_error = str(exc)
-            logger.warning("%s: resync after reconnect failed: %s", self.name, exc)
+        delay = self._backoff[0]
+        while not self._stopping and not self._connected and self._client is not None and self._client.connected:
+            try:
+                await self._sync()
+                return
+            except TransportError as exc:
+                self.last_error = str(exc)
+                logger.warning("%s: resync after reconnect failed: %s; retrying in about %.1f s", self.name, exc, delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self._backoff[1])
 
     def _on_background_exception(self, exc: Exception) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
