@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_cloudsdk import run_async
+from helpers_cloudsdk import FakeNucleus, run_async, wait_until_async
 
 from runtime import protocol
 from runtime.config import DeviceSettings
@@ -214,3 +214,97 @@ def test_a_socket_that_hangs_up_fails_quickly(tmp_path: Path) -> None:
     finally:
         t.join(5)
         server.close()
+
+
+# --------------------------------------------------------------------------- through the SDK's real IPC client
+
+
+@pytest.fixture
+def nucleus(tmp_path: Path) -> Iterator[FakeNucleus]:
+    n = FakeNucleus(tmp_path / "ipc.socket", token="svcuid-" + uuid.uuid4().hex[:8])
+    yield n
+    n.close()
+
+
+class Recorder:
+    def __init__(self, uplink: GreengrassUplink) -> None:
+        self.inbound: list[tuple[str, bytes]] = []
+        self.ups: list[bool] = []
+        uplink.set_handlers(lambda s, p: self.inbound.append((s, p)), self.ups.append)
+
+
+def _uplink(tmp_path: Path, nucleus: FakeNucleus, token: str | None = None) -> GreengrassUplink:
+    env = {ENV_SOCKET: str(nucleus.path), ENV_TOKEN: token or nucleus.token, "AWS_IOT_THING_NAME": THING}
+    return GreengrassUplink(_settings(tmp_path, backoff_min=0.1, backoff_max=0.5), env=env)
+
+
+def test_streams_flow_through_the_nucleus(tmp_path: Path, nucleus: FakeNucleus) -> None:
+    """The SDK's real IPC client against a nucleus stand-in: subscribe, publish, receive, say online/offline."""
+    topic = f"edgeloop/{FLEET}/{THING}"
+    batch = protocol.ResultBatch(device=THING, seq_first=0, seq_last=0, ts=[1.0], model_version=[1], y_pred=[2.0])
+    desired = protocol.DesiredState(device=THING, issued_at=3.0).to_bytes()
+
+    async def scenario() -> None:
+        uplink = _uplink(tmp_path, nucleus)
+        rec = Recorder(uplink)
+        await uplink.start()
+        try:
+            assert uplink.connected and rec.ups == [True]
+            assert sorted(nucleus.subscriptions) == sorted(f"{topic}/{s}" for s in ("desired", "cmd", "ack"))
+            await uplink.publish("results", batch.to_bytes())
+            assert nucleus.payloads(f"{topic}/results") == [batch.to_bytes()]
+            assert nucleus.deliver(f"{topic}/desired", desired) == 1
+            await wait_until_async(lambda: bool(rec.inbound), 5, "the desired state")
+            assert rec.inbound == [("desired", desired)]
+        finally:
+            await uplink.stop()
+        assert rec.ups == [True, False]
+
+    run_async(scenario(), timeout=30)
+    status = [json.loads(p)["state"] for p in nucleus.payloads(f"{topic}/status")]
+    assert status == ["online", "offline"]
+    sent = next(p for p in nucleus.published if p["topicName"].endswith("/results"))
+    assert sent["qos"] == "1" and sent.get("retain") is False
+    assert all(p.get("retain") is True for p in nucleus.published if p["topicName"].endswith("/status"))
+
+
+def test_a_wrong_token_is_refused_quickly(tmp_path: Path, nucleus: FakeNucleus) -> None:
+    _start_fails(_uplink(tmp_path, nucleus, token="not-the-svcuid"), "connecting to the nucleus", within=5.0)
+    assert nucleus.connects == 0
+
+
+def test_a_publish_the_nucleus_refuses_raises(tmp_path: Path, nucleus: FakeNucleus) -> None:
+    nucleus.denied.add(f"edgeloop/{FLEET}/{THING}/telemetry")
+
+    async def scenario() -> None:
+        uplink = _uplink(tmp_path, nucleus)
+        await uplink.start()
+        try:
+            with pytest.raises(TransportError, match="UnauthorizedError: not authorized to publish"):
+                await uplink.publish("telemetry", b"{}")
+            assert uplink.connected
+            await uplink.publish("results", b"{}")  # other topics still go
+        finally:
+            await uplink.stop()
+
+    run_async(scenario(), timeout=30)
+
+
+def test_reconnects_when_the_nucleus_hangs_up(tmp_path: Path, nucleus: FakeNucleus) -> None:
+    async def scenario() -> None:
+        uplink = _uplink(tmp_path, nucleus)
+        rec = Recorder(uplink)
+        await uplink.start()
+        try:
+            nucleus.hang_up()
+            await wait_until_async(lambda: rec.ups[-1:] == [False], 5, "the disconnect")
+            with pytest.raises(TransportError, match="not connected"):
+                await uplink.publish("results", b"{}")
+            await wait_until_async(lambda: rec.ups == [True, False, True], 10, "the reconnect")
+            assert nucleus.connects == 2
+            await uplink.publish("results", b'{"again":1}')
+            assert nucleus.payloads(f"edgeloop/{FLEET}/{THING}/results") == [b'{"again":1}']
+        finally:
+            await uplink.stop()
+
+    run_async(scenario(), timeout=30)
