@@ -1,9 +1,10 @@
 """greengrass transport: fails fast without a nucleus; maps our streams onto the SDK's own IPC request types.
 
-No nucleus runs here. The mapping is checked on the request objects the SDK's client sends
-(``PublishToIoTCoreRequest`` / ``SubscribeToIoTCoreRequest``, down to their wire payload), and
-start-up is checked against the three ways a nucleus can be missing: no variables, no socket, and
-a socket that accepts but never answers the IPC handshake.
+No Greengrass nucleus runs here. Three stand-ins: the mapping is checked on the request objects
+the SDK's client sends (``PublishToIoTCoreRequest`` / ``SubscribeToIoTCoreRequest``, down to their
+wire payload); start-up is checked against the ways a nucleus can be missing (no variables, no
+socket, a socket that accepts and never answers); and the transport runs through the SDK's real
+IPC client against :class:`FakeNucleus`, which speaks the nucleus's event-stream RPC on a Unix socket.
 """
 
 from __future__ import annotations
