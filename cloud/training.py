@@ -48,11 +48,14 @@ Predict = Callable[[ModelManifest, np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class SuffStats:
-    """Sufficient statistics of labelled rows over the augmented design ``A = [x_1 .. x_d, 1]``.
+    """Sufficient statistics of labelled rows over the augmented design ``A = [x - shift, 1]``.
 
-    ``xtx = AᵀA`` (d+1, d+1) — so ``xtx[d, d] == n`` and its last row holds the feature sums;
-    ``xty = Aᵀy`` (d+1,); ``yty = yᵀy``; ``window`` the (min, max) timestamp of the rows, if known.
-    Same layout as :class:`runtime.protocol.SufficientStats`.
+    ``xtx = AᵀA`` (d+1, d+1) — so ``xtx[d, d] == n`` and its last row holds the (shifted) feature
+    sums; ``xty = Aᵀy`` (d+1,); ``yty = yᵀy``; ``window`` the (min, max) timestamp of the rows.
+    With ``shift`` None (zero) this is exactly :class:`runtime.protocol.SufficientStats`. A shift
+    near the features' mean keeps the sums small, so centring in :func:`fit` loses no digits when
+    features sit far from zero; :meth:`from_rows` shifts by the rows' mean, and sums in different
+    frames are re-expressed exactly before they are added.
     """
 
     xtx: np.ndarray
@@ -60,33 +63,46 @@ class SuffStats:
     yty: float
     n: int
     window: tuple[float, float] | None = None
+    shift: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         k = self.xtx.shape[0]
         if k < 2 or self.xtx.shape != (k, k) or self.xty.shape != (k,):
             raise ValueError(f"xtx must be (d+1, d+1) and xty (d+1,), got {self.xtx.shape} and {self.xty.shape}")
+        if self.shift is not None and self.shift.shape != (k - 1,):
+            raise ValueError(f"shift must be ({k - 1},), got {self.shift.shape}")
 
     @property
     def d(self) -> int:
         return int(self.xtx.shape[0]) - 1
+
+    @property
+    def origin(self) -> np.ndarray:
+        """The shift as an array (zeros when there is none)."""
+        return np.zeros(self.d) if self.shift is None else self.shift
 
     @classmethod
     def zeros(cls, d: int) -> SuffStats:
         return cls(np.zeros((d + 1, d + 1)), np.zeros(d + 1), 0.0, 0)
 
     @classmethod
-    def from_rows(cls, X: np.ndarray, y: np.ndarray, ts: np.ndarray | None = None) -> SuffStats:
-        """Statistics of the rows ``X`` (n, d) and ``y`` (n,) (all finite)."""
+    def from_rows(
+        cls, X: np.ndarray, y: np.ndarray, ts: np.ndarray | None = None, shift: np.ndarray | None = None
+    ) -> SuffStats:
+        """Statistics of the rows ``X`` (n, d) and ``y`` (n,) (all finite), shifted by ``shift``
+        (default: the rows' column means)."""
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         if X.ndim != 2 or y.shape != (X.shape[0],):
             raise ValueError(f"X must be (n, d) and y (n,), got {X.shape} and {y.shape}")
         n, d = X.shape
+        if shift is None:
+            shift = X.mean(axis=0) if n else np.zeros(d)
         A = np.empty((n, d + 1))
-        A[:, :d] = X
+        A[:, :d] = X - shift
         A[:, d] = 1.0
         window = (float(ts.min()), float(ts.max())) if ts is not None and len(ts) else None
-        return cls(A.T @ A, A.T @ y, float(y @ y), n, window)
+        return cls(A.T @ A, A.T @ y, float(y @ y), n, window, np.asarray(shift, dtype=np.float64))
 
     @classmethod
     def from_message(cls, msg: SufficientStats, features: Sequence[str] | None = None) -> SuffStats:
@@ -107,21 +123,36 @@ class SuffStats:
             or msg.yty < 0
         ):
             raise TrainingError(f"stats message {msg.device}#{msg.seq} is inconsistent")
-        if features is not None:
-            missing = [f for f in features if f not in own]
-            if missing:
-                raise TrainingError(f"stats message {msg.device}#{msg.seq} lacks features {missing}")
-            idx = [own.index(f) for f in features] + [d0]
-            xtx = xtx[np.ix_(idx, idx)]
-            xty = xty[idx]
-        return cls(xtx, xty, float(msg.yty), int(msg.n), (msg.window_start, msg.window_end))
+        stats = cls(xtx, xty, float(msg.yty), int(msg.n), (msg.window_start, msg.window_end))
+        if features is None:
+            return stats
+        missing = [f for f in features if f not in own]
+        if missing:
+            raise TrainingError(f"stats message {msg.device}#{msg.seq} lacks features {missing}")
+        return stats.select([own.index(f) for f in features])
+
+    def reshifted(self, shift: np.ndarray | None) -> SuffStats:
+        """The same statistics over ``[x - shift, 1]`` (exact algebra on the sums)."""
+        new = np.zeros(self.d) if shift is None else np.asarray(shift, dtype=np.float64)
+        delta = self.origin - new  # x - new = (x - old) + delta
+        if not delta.any():
+            return SuffStats(self.xtx, self.xty, self.yty, self.n, self.window, shift)
+        d, n = self.d, self.n
+        s = self.xtx[d, :d]
+        xtx = self.xtx.copy()
+        xtx[:d, :d] += np.outer(delta, s) + np.outer(s, delta) + n * np.outer(delta, delta)
+        xtx[d, :d] = xtx[:d, d] = s + n * delta
+        xty = self.xty.copy()
+        xty[:d] += delta * self.xty[d]
+        return SuffStats(xtx, xty, self.yty, n, self.window, shift)
 
     def to_message(
         self, device: str, features: Sequence[str], *, seq: int = 0, model: str | None = None
     ) -> SufficientStats:
-        """The wire message of these statistics (what a device sends when it shares stats only)."""
+        """The wire message of these statistics (unshifted: what a device sends when it shares stats only)."""
         if len(features) != self.d:
             raise ValueError(f"{len(features)} feature names for {self.d} features")
+        raw = self.reshifted(None)
         start, end = self.window if self.window is not None else (0.0, 0.0)
         return SufficientStats(
             device=device,
@@ -130,28 +161,39 @@ class SuffStats:
             features=tuple(features),
             window_start=start,
             window_end=end,
-            n=self.n,
-            xtx=self.xtx.tolist(),
-            xty=self.xty.tolist(),
-            yty=self.yty,
+            n=raw.n,
+            xtx=raw.xtx.tolist(),
+            xty=raw.xty.tolist(),
+            yty=raw.yty,
         )
 
     def __add__(self, other: SuffStats) -> SuffStats:
         if other.d != self.d:
             raise ValueError(f"cannot add statistics of {self.d} and {other.d} features")
+        if self.n == 0 and self.window is None:
+            return other
+        if other.n == 0 and other.window is None:
+            return self
+        o = other if np.array_equal(other.origin, self.origin) else other.reshifted(self.shift)
         windows = [w for w in (self.window, other.window) if w is not None]
         window = (min(w[0] for w in windows), max(w[1] for w in windows)) if windows else None
-        return SuffStats(self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty, self.n + other.n, window)
+        return SuffStats(self.xtx + o.xtx, self.xty + o.xty, self.yty + o.yty, self.n + o.n, window, self.shift)
+
+    def select(self, columns: Sequence[int]) -> SuffStats:
+        """The statistics of a subset or reordering of the features (by index)."""
+        idx = [*columns, self.d]
+        shift = None if self.shift is None else self.shift[list(columns)]
+        return SuffStats(self.xtx[np.ix_(idx, idx)], self.xty[idx], self.yty, self.n, self.window, shift)
 
     def feature_mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-feature mean and sample standard deviation (the manifest's ``feature_stats``)."""
         d, n = self.d, self.n
         if n == 0:
             return np.zeros(d), np.zeros(d)
-        mean = self.xtx[d, :d] / n
-        ss = np.diag(self.xtx)[:d] - self.xtx[d, :d] * mean
+        mz = self.xtx[d, :d] / n
+        ss = np.diag(self.xtx)[:d] - self.xtx[d, :d] * mz
         std = np.sqrt(np.clip(ss, 0.0, None) / max(n - 1, 1))
-        return mean, std
+        return self.origin + mz, std
 
 
 # --------------------------------------------------------------------------- fit
@@ -171,7 +213,7 @@ def fit(stats: SuffStats, ridge: float = 0.0) -> tuple[np.ndarray, float]:
     needed = d + 1 if ridge == 0 else 1
     if n < needed:
         raise NotEnoughDataError(n, needed)
-    sx = stats.xtx[d, :d]
+    sx = stats.xtx[d, :d]  # sums of x - shift: little cancels below when the shift is near the mean
     mx = sx / n
     my = stats.xty[d] / n
     C = stats.xtx[:d, :d] - np.outer(sx, mx)
@@ -193,7 +235,7 @@ def fit(stats: SuffStats, ridge: float = 0.0) -> tuple[np.ndarray, float]:
     if z is None:
         z = np.linalg.lstsq(A, r, rcond=None)[0]
     w = z / scale
-    b = float(my - mx @ w)
+    b = float(my - (mx + stats.origin) @ w)
     if not (np.isfinite(w).all() and math.isfinite(b)):
         raise TrainingError("the fit is not finite (degenerate data)")
     return w, b
@@ -259,7 +301,8 @@ def stats_metrics(stats: SuffStats, weights: np.ndarray, intercept: float) -> Me
     """RMSE and R² of a linear model on the rows behind ``stats``, in closed form (no MAE)."""
     if stats.n == 0:
         raise NotEnoughDataError(0, 1, what="rows to evaluate on")
-    beta = np.append(np.asarray(weights, dtype=np.float64), intercept)
+    w = np.asarray(weights, dtype=np.float64)
+    beta = np.append(w, intercept + stats.origin @ w)  # the same model over [x - shift, 1]
     sse = max(stats.yty - 2.0 * beta @ stats.xty + beta @ stats.xtx @ beta, 0.0)
     sy = stats.xty[stats.d]
     sst = stats.yty - sy * sy / stats.n
@@ -527,8 +570,7 @@ def train_from_stats(
     champion = None
     if champ is not None and hold.n:
         if champ.model_kind == "linear" and set(champ.features) <= set(feats):
-            idx = [feats.index(f) for f in champ.features] + [d]
-            sub = SuffStats(hold.xtx[np.ix_(idx, idx)], hold.xty[idx], hold.yty, hold.n, hold.window)
+            sub = hold.select([feats.index(f) for f in champ.features])
             assert champ.weights is not None and champ.intercept is not None
             champion = stats_metrics(sub, np.asarray(champ.weights), champ.intercept)
         else:

@@ -230,12 +230,20 @@ class PostgresStore(Store):
             return super().sufficient_stats(feats, window, before=before, since=since)
         pairs = [(i, j) for i in range(d) for j in range(i, d)]
         aggs = ["count(*)", "min(ts)", "max(ts)", "sum(y)", "sum(y * y)"]
-        aggs += [f"sum(f{i})" for i in range(d)]
-        aggs += [f"sum(f{i} * y)" for i in range(d)]
-        aggs += [f"sum(f{i} * f{j})" for i, j in pairs]
+        aggs += [f"sum(g{i})" for i in range(d)]
+        aggs += [f"sum(g{i} * y)" for i in range(d)]
+        aggs += [f"sum(g{i} * g{j})" for i, j in pairs]
         with self._tx() as conn:
             sql, args = self._rows_sql(conn, feats, window, before, since)
-            row = conn.execute(f"SELECT {', '.join(aggs)} FROM ({sql}) AS s", args).fetchone()
+            # Sums of x - shift, with the shift a sample's mean, keep their digits when features sit
+            # far from zero (sums of raw squares would cancel in the centring of the fit).
+            means = ", ".join(f"avg(f{i})" for i in range(d))
+            sample = conn.execute(f"SELECT {means} FROM (SELECT * FROM ({sql}) AS r LIMIT 1000) AS s", args).fetchone()
+            shift = [0.0 if v is None else float(v) for v in sample]
+            shifted = ", ".join(f"f{i} - %s AS g{i}" for i in range(d))
+            row = conn.execute(
+                f"SELECT {', '.join(aggs)} FROM (SELECT {shifted}, y, ts FROM ({sql}) AS r) AS s", [*shift, *args]
+            ).fetchone()
         n = int(row[0])
         if n == 0:
             return SuffStats.zeros(d)
@@ -249,7 +257,8 @@ class PostgresStore(Store):
         xtx[d, :d] = xtx[:d, d] = sx
         xtx[d, d] = n
         xty = np.array([*sxy, sy])
-        return SuffStats(xtx=xtx, xty=xty, yty=syy, n=n, window=(float(row[1]), float(row[2])))
+        window_ = (float(row[1]), float(row[2]))
+        return SuffStats(xtx=xtx, xty=xty, yty=syy, n=n, window=window_, shift=np.array(shift))
 
     def labelled_rows(
         self,
