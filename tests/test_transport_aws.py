@@ -229,11 +229,11 @@ def test_plain_broker_turns_flow_control_and_metrics_off(tmp_path: Path) -> None
         return builder_options(s)
 
     plain = opts("mqtts://127.0.0.1:18883")
-    assert plain["flow_control"] is False and plain["enable_metrics_collection"] is False
+    assert plain["iot_core_defaults"] is False and plain["enable_metrics_collection"] is False
     assert plain["port"] == 18883 and plain["client_id"] == "thing-1"
     assert int(plain["ping_timeout_ms"]) < int(plain["keep_alive_interval_sec"]) * 1000  # type: ignore[call-overload]
     iot = opts("mqtts://a1b2c3-ats.iot.eu-west-1.amazonaws.com")
-    assert "flow_control" not in iot and "enable_metrics_collection" not in iot
+    assert iot["iot_core_defaults"] is True and "enable_metrics_collection" not in iot
     assert iot["port"] == 8883
     assert is_aws_endpoint("x-ats.iot.cn-north-1.amazonaws.com.cn") and not is_aws_endpoint("amazonaws.com.evil.org")
 

@@ -95,8 +95,9 @@ def builder_options(settings: DeviceSettings) -> dict[str, Any]:
     }
     if b.ca is not None:
         opts["ca_filepath"] = str(b.ca)
-    if not is_aws_endpoint(host):
-        opts["flow_control"] = False  # replaced by the SDK enum in _build_client
+    #: Not a builder argument: _build_client turns it into the SDK's flow-control enum.
+    opts["iot_core_defaults"] = is_aws_endpoint(host)
+    if not opts["iot_core_defaults"]:
         opts["enable_metrics_collection"] = False
     return opts
 
@@ -139,7 +140,7 @@ class AwsIotUplink(Uplink):
     def _build_client(self) -> awscrt.mqtt5.Client:
         mqtt5, builder = _sdk()
         opts = dict(self._options)
-        if opts.pop("flow_control", True) is False:
+        if not opts.pop("iot_core_defaults"):
             opts["extended_validation_and_flow_control_options"] = mqtt5.ExtendedValidationAndFlowControlOptions.NONE
         will = mqtt5.PublishPacket(
             topic=self._topic(protocol.STATUS),
@@ -267,7 +268,7 @@ class AwsIotUplink(Uplink):
             self._options["endpoint"],
             self._options["port"],
             self._options["client_id"],
-            "flow_control" not in self._options,
+            self._options["iot_core_defaults"],
         )
 
     async def stop(self) -> None:
