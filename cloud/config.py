@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from cloud.errors import CloudConfigError
+from runtime.errors import ConfigError
 
 __all__ = ["CloudSettings", "RetrainSettings", "load_cloud_settings"]
 
@@ -76,9 +76,9 @@ def load_cloud_settings(path: Path, overrides: dict[str, Any] | None = None) -> 
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as exc:
-        raise CloudConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise CloudConfigError(f"{path}: not valid TOML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     data.update(overrides or {})
     try:
         s = CloudSettings.model_validate(data)
@@ -86,7 +86,7 @@ def load_cloud_settings(path: Path, overrides: dict[str, Any] | None = None) -> 
         lines = [f"invalid configuration in {path}:"]
         for err in exc.errors(include_url=False):
             lines.append(f"  {'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}")
-        raise CloudConfigError("\n".join(lines)) from None
+        raise ConfigError("\n".join(lines)) from None
     base = path.resolve().parent
     upd: dict[str, Any] = {}
     for name in ("signing_key", "public_key", "artifacts_dir"):

@@ -33,8 +33,7 @@ class Registry:
         self.base_url = base_url.rstrip("/")
 
     def _next_version(self, name: str) -> int:
-        latest = self.store.get_model_version(name, None)
-        return 1 if latest is None else int(latest["version"]) + 1
+        return int(self.store.next_model_version(name))
 
     def bundle_dir(self, name: str, version: int) -> Path:
         return self.root / name / f"v{version}"
@@ -42,14 +41,7 @@ class Registry:
     def _register(self, manifest: ModelManifest, artifact: bytes | None, status: str) -> ModelManifest:
         signed = sign_manifest(manifest, self.key)
         write_bundle(self.bundle_dir(signed.name, signed.version), signed, artifact)
-        self.store.add_model_version(
-            signed.name,
-            signed.version,
-            signed.model_dump_json(by_alias=True),
-            parent=signed.training.parent_version,
-            metrics=dict(signed.metrics),
-            status=status,
-        )
+        self.store.add_model_version(signed.model_dump_json(by_alias=True), status=status, source=signed.training.source)
         logger.info("registered %s v%d (%s)", signed.name, signed.version, signed.model_kind)
         return signed
 
@@ -124,18 +116,17 @@ class Registry:
         return self._register(m, data, "registered")
 
     def get(self, name: str, version: int | None = None) -> ModelManifest:
-        row = self.store.get_model_version(name, version)
-        if row is None:
+        rec = self.store.get_model_version(name, version)
+        if rec is None:
             what = f"{name} v{version}" if version else name
             raise RegistryError(f"no model {what} in the registry")
-        return ModelManifest.model_validate_json(row["manifest"])
+        return ModelManifest.model_validate_json(rec.manifest_json)
 
     def bundle(self, name: str, version: int) -> Bundle:
         return read_bundle(self.bundle_dir(name, version))
 
-    def list(self, name: str | None = None) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self.store.list_model_versions(name)
-        return rows
+    def list(self, name: str | None = None) -> list[Any]:
+        return list(self.store.list_model_versions(name))
 
     def export(self, name: str, version: int | None, out_dir: Path) -> Path:
         m = self.get(name, version)

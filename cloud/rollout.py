@@ -26,11 +26,13 @@ __all__ = [
     "SetDesired",
     "choose_canaries",
     "parse_target",
+    "start",
     "step",
 ]
 
 
 class RolloutState(StrEnum):
+    PENDING = "pending"  # created by the operator; the controller has not started it yet
     CANARY = "canary"  # canaries told; waiting for them to report the version
     BAKING = "baking"  # canaries run it; gathering live error
     PROMOTING = "promoting"  # everyone told; waiting for them to report
@@ -44,6 +46,7 @@ class RolloutState(StrEnum):
 R = RolloutState
 TERMINAL = frozenset({R.COMPLETED, R.ROLLED_BACK, R.ABORTED, R.SUPERSEDED})
 TRANSITIONS: dict[RolloutState, frozenset[RolloutState]] = {
+    R.PENDING: frozenset({R.CANARY, R.PROMOTING, R.ABORTED, R.SUPERSEDED}),
     R.CANARY: frozenset({R.BAKING, R.ROLLING_BACK, R.ABORTED, R.SUPERSEDED}),
     R.BAKING: frozenset({R.PROMOTING, R.ROLLING_BACK, R.ABORTED, R.SUPERSEDED}),
     R.PROMOTING: frozenset({R.COMPLETED, R.ROLLING_BACK, R.ABORTED, R.SUPERSEDED}),
@@ -103,7 +106,8 @@ class Rollout:
     canaries: tuple[str, ...]
     previous: dict[str, int | None]  # device -> version it ran before (for rollback)
     params: RolloutParams
-    state: RolloutState = R.CANARY
+    state: RolloutState = R.PENDING
+    rollback: bool = False
     created: float = 0.0
     updated: float = 0.0
     stage_started: float = 0.0
@@ -157,6 +161,27 @@ def choose_canaries(devices: list[DeviceView], fraction: float, rng: random.Rand
     return tuple((online + offline)[:k])
 
 
+def start(
+    r: Rollout, now: float, targets: list[DeviceView], rng: random.Random
+) -> tuple[Rollout, list[SetDesired]]:
+    """Begin a pending rollout on ``targets``: record who ran what, tell the canaries.
+
+    A rollback rollout (``fleet rollback``) skips the canary stage: every target is told at once."""
+    devices = tuple(v.id for v in targets)
+    previous = {v.id: (v.active_version if v.active_name in (None, r.model) else None) for v in targets}
+    if not devices:
+        return r.move(R.ABORTED, now, "no device matches the target"), []
+    if r.rollback:
+        r2 = replace(r, devices=devices, canaries=devices, previous=previous)
+        return r2.move(R.PROMOTING, now, f"rolling {len(devices)} device(s) back to v{r.version}"), [
+            SetDesired(devices, r.version, rollback=True)
+        ]
+    canaries = choose_canaries(targets, r.params.canary, rng)
+    r2 = replace(r, devices=devices, canaries=canaries, previous=previous)
+    msg = f"{len(canaries)} canary device(s) of {len(devices)} told to run v{r.version}"
+    return r2.move(R.CANARY, now, msg), [SetDesired(canaries, r.version)]
+
+
 def _mae(views: list[DeviceView], version: int | None, min_n: int) -> tuple[float | None, int]:
     """Pooled live MAE of devices running ``version`` with enough labelled readings."""
     total, n = 0.0, 0
@@ -178,7 +203,7 @@ def step(
     r: Rollout, now: float, fleet: dict[str, DeviceView], baseline_mae: float | None = None
 ) -> tuple[Rollout, list[SetDesired]]:
     """Advance a rollout given the fleet's current view; return it and what to publish."""
-    if r.state in TERMINAL:
+    if r.state in TERMINAL or r.state == R.PENDING:
         return r, []
     p = r.params
     canaries = [fleet.get(d, DeviceView(d)) for d in r.canaries]
@@ -229,6 +254,7 @@ def step(
         msg = f"canary MAE {canary_mae:.4g}" + (f" vs control {reference:.4g}" if reference is not None else "")
         r2 = r.move(R.PROMOTING, now, f"{msg}: promoting to {len(rest)} more device(s)", **metrics)
         return r2, [SetDesired(rest, r.version)] if rest else []
+
 
     if r.state == R.PROMOTING:
         targets = [fleet.get(d, DeviceView(d)) for d in r.devices]

@@ -14,7 +14,9 @@ from cloud.rollout import (
     RolloutState,
     abort,
     choose_canaries,
+    SetDesired,
     parse_target,
+    start,
     step,
     supersede,
 )
@@ -35,6 +37,7 @@ def make(params: RolloutParams | None = None) -> Rollout:
         canaries=canaries,
         previous=dict.fromkeys(DEVICES, 1),
         params=params or RolloutParams(canary=0.2, bake=10, report_timeout=30, min_labelled=5),
+        state=RolloutState.CANARY,
     )
 
 
@@ -139,3 +142,18 @@ def test_abort_and_supersede_are_terminal():
     assert s.state == RolloutState.SUPERSEDED and "r2" in (s.reason or "")
     with pytest.raises(AssertionError):
         s.move(RolloutState.BAKING, 3.0, "no")
+
+
+def test_start_tells_canaries_and_records_previous_versions():
+    views = [DeviceView(d, online=True, active_name="m", active_version=1) for d in DEVICES]
+    r = Rollout("r9", "m", 2, "all", (), (), {}, RolloutParams(canary=0.3))
+    assert step(r, 0.0, {})[0] is r  # pending waits for start()
+    r2, d = start(r, 5.0, views, random.Random(3))
+    assert r2.state == RolloutState.CANARY and len(r2.canaries) == 3 and r2.devices == DEVICES
+    assert r2.previous == dict.fromkeys(DEVICES, 1)
+    assert d == [SetDesired(r2.canaries, 2)]
+    rb = Rollout("r10", "m", 1, "all", (), (), {}, RolloutParams(), rollback=True)
+    rb2, d = start(rb, 5.0, views, random.Random(3))
+    assert rb2.state == RolloutState.PROMOTING and d == [SetDesired(DEVICES, 1, rollback=True)]
+    empty, d = start(r, 5.0, [], random.Random(3))
+    assert empty.state == RolloutState.ABORTED and d == []
