@@ -1,0 +1,173 @@
+"""``edgeloop cloud serve``: ingest, trainer, rollout controller and artifact server on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cloud.artifact_server import ArtifactServer
+from cloud.config import CloudSettings
+from cloud.errors import CloudError
+from cloud.fleet import RolloutController
+from cloud.ingest import Ingester
+from cloud.registry import Registry
+from cloud.store import Store, open_store
+from cloud.trainer import Trainer
+from runtime.artifacts import load_private_key
+from runtime.errors import EdgeloopError
+from runtime.mqttclient import AsyncMqttClient, MqttMessage
+from runtime.protocol import DesiredState, topic
+
+__all__ = ["CloudService"]
+
+logger = logging.getLogger(__name__)
+
+_INGEST_SUFFIXES = ("results", "telemetry", "stats", "reported", "status", "cmd/result")
+
+
+class CloudService:
+    def __init__(self, settings: CloudSettings, *, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store if store is not None else open_store(settings.store)
+        self.registry = Registry(
+            self.store, settings.artifacts_dir, load_private_key(settings.signing_key), settings.artifact_base_url
+        )
+        self.ingester = Ingester(self.store, settings.fleet)
+        self.client = AsyncMqttClient(
+            settings.broker,
+            client_id=settings.client_id,
+            clean_start=False,
+            session_expiry=3600,
+        )
+        self.client.on_message = self._on_message
+        self.controller = RolloutController(
+            self.store, settings.fleet, self.publish_desired, offline_after=settings.offline_after
+        )
+        self.http: ArtifactServer | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self.listeners: list[Callable[[str, str], None]] = []
+        self.trainer = Trainer(self.store, self.registry, settings.retrain, settings.fleet, emit=self._emit)
+        self.acks_sent = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        self.http = ArtifactServer(s.artifacts_dir, s.http_host, s.http_port)
+        self.http.start()
+        for suffix in _INGEST_SUFFIXES:
+            t = topic(s.fleet, "+", suffix)
+            if s.shared_group:
+                t = f"$share/{s.shared_group}/{t}"
+            self.client.subscribe(t, qos=1)
+        await self.client.start()
+        for coro, name in (
+            (self._ingest_loop(), "ingest"),
+            (self._rollout_loop(), "rollouts"),
+            (self._train_loop(), "trainer"),
+        ):
+            self._tasks.append(asyncio.create_task(coro, name=f"cloud:{name}"))
+        logger.info("cloud service up: fleet %s, broker %s, store %s", s.fleet, s.broker, _redact(s.store))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(EdgeloopError):
+            await asyncio.to_thread(self._commit_sync)
+        await self.client.stop()
+        if self.http is not None:
+            self.http.stop()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _emit(self, kind: str, message: str) -> None:
+        for cb in self.listeners:
+            cb(kind, message)
+
+    # ------------------------------------------------------------------ ingest
+
+    def _on_message(self, msg: MqttMessage) -> None:
+        self.ingester.handle(msg.topic, msg.payload, msg.user_properties)
+        if self.ingester.pending_rows >= self.settings.ingest_batch:
+            self._wake.set()
+
+    def _commit_sync(self) -> list[Any]:
+        return self.ingester.commit()
+
+    async def commit(self) -> int:
+        """Store what is pending (one transaction) and publish the acks; return acks sent."""
+        if not self.ingester.pending:
+            return 0
+        acks = self.ingester.commit()
+        sends = [self.client.publish(topic(self.settings.fleet, a.device, "ack"), a.to_bytes(), qos=1) for a in acks]
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        ok = sum(1 for r in results if not isinstance(r, BaseException))
+        self.acks_sent += ok
+        return ok
+
+    async def _ingest_loop(self) -> None:
+        delay = self.settings.ingest_delay
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            self._wake.clear()
+            try:
+                await self.commit()
+            except EdgeloopError as exc:
+                logger.error("ingest commit failed (devices will resend): %s", exc)
+                await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------ desired state
+
+    async def publish_desired(self, device: str, desired: DesiredState) -> None:
+        await self.client.publish(topic(self.settings.fleet, device, "desired"), desired.to_bytes(), qos=1, retain=True)
+
+    async def _rollout_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.rollout_interval)
+            try:
+                await self.controller.tick()
+            except EdgeloopError as exc:
+                logger.error("rollout controller: %s", exc)
+
+    # ------------------------------------------------------------------ training
+
+    async def _train_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            try:
+                why = self.trainer.should_train(now)
+                if why is None:
+                    continue
+                if any(r.model == self.settings.retrain.model for r in self.store.active_rollouts()):
+                    continue  # let the running rollout finish first
+                logger.info("retraining %s: %s", self.settings.retrain.model, why)
+                self._emit("trigger", f"retraining: {why}")
+                out = await asyncio.to_thread(self.trainer.run, now=now)
+                logger.info("training: %s", out.reason)
+            except (CloudError, EdgeloopError) as exc:
+                logger.error("trainer: %s", exc)
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
