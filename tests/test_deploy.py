@@ -1,0 +1,596 @@
+"""deploy/: the Raspberry Pi installer and unit, the Greengrass component, the IoT Edge manifest, the
+Docker images and compose fleet — each checked against the real CLI parser and the real config
+loader, and run where this machine can run it (install.sh into a temporary prefix, systemd-analyze,
+the containers' commands as plain processes)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+
+from edgeloop.cli import app
+from runtime.config import DeviceSettings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+PI = DEPLOY / "raspberry-pi"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+OFFLINE = os.environ.get("EDGELOOP_OFFLINE", "") == "1" and not IN_CI
+DRAIN_DEFAULT = float(DeviceSettings.model_fields["drain_deadline"].default)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """Parse an ``edgeloop …`` command line with the real CLI parser (nothing runs).
+
+    Returns the sub-command path and its parsed parameters; an unknown sub-command, an unknown
+    option or a missing required one fails the test with the parser's own message."""
+    assert Path(argv[0]).name == "edgeloop", f"not an edgeloop command line: {argv!r}"
+    cmd: Any = typer.main.get_command(app)
+    args = list(argv[1:])
+    path = ["edgeloop"]
+    while hasattr(cmd, "commands"):  # a group: descend into the named sub-command
+        assert args, f"`{' '.join(path)}` needs a sub-command"
+        name = args.pop(0)
+        sub = cmd.commands.get(name)
+        assert sub is not None, f"`{' '.join(path)}` has no sub-command {name!r} (has: {sorted(cmd.commands)})"
+        cmd = sub
+        path.append(name)
+    try:
+        ctx = cmd.make_context(" ".join(path), args)
+    except Exception as exc:
+        if not hasattr(exc, "format_message"):
+            raise
+        raise AssertionError(f"`{shlex.join(argv)}` does not parse: {exc.format_message()}") from None
+    return " ".join(path), dict(ctx.params)
+
+
+def unit_file(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """A systemd unit as ``{section: [(key, value), ...]}``; keys may repeat, as systemd allows."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"{path}:{n}: key outside a section"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path}:{n}: not a key=value line: {line!r}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def one(section: list[tuple[str, str]], key: str) -> str:
+    values = [v for k, v in section if k == key]
+    assert len(values) == 1, f"{key}= appears {len(values)} times"
+    return values[0]
+
+
+def seconds(value: str) -> float:
+    """systemd time span: ``30``, ``30s``, ``1min 30s``, ``2min``."""
+    units = {"": 1.0, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "ms": 0.001, "h": 3600.0}
+    total = 0.0
+    for part in value.split():
+        num = part.rstrip("abcdefghijklmnopqrstuvwxyz")
+        total += float(num) * units[part[len(num) :]]
+    return total
+
+
+def skip_or_fail(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"CI=true and {reason}")
+    pytest.skip(reason)
+
+
+def run(argv: Sequence[str | Path], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600, **kw)
+
+
+# --------------------------------------------------------------------------- Raspberry Pi: install.sh
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """edgeloop built as a wheel from a copy of the tree (the checkout stays untouched), offline."""
+    root = tmp_path_factory.mktemp("wheel")
+    src = root / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for pkg in ("runtime", "cloud", "devices", "edgeloop"):
+        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = root / "dist"
+    r = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, src])
+    assert r.returncode == 0, r.stderr
+    (whl,) = out.glob("edgeloop-*.whl")
+    return whl
+
+
+def install(prefix: Path, wheel: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run(["sh", PI / "install.sh", "--prefix", prefix, "--source", wheel, "--python", sys.executable, *extra])
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """install.sh into a temporary prefix; ``--no-deps`` keeps it offline and quick (the full,
+    networked install is test_full_install_runs_the_daemon)."""
+    prefix = tmp_path_factory.mktemp("pi-root")
+    r = install(prefix, wheel, "--pip-args", "--no-deps", "--device-id", "pi-test-01")
+    assert r.returncode == 0, f"install.sh failed:\n{r.stdout}\n{r.stderr}"
+    return prefix
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_install_lays_out_files_with_modes(installed: Path) -> None:
+    venv = installed / "opt/edgeloop/venv"
+    exe = venv / "bin/edgeloop"
+    assert exe.is_file() and os.access(exe, os.X_OK)
+    assert (venv / "bin/python").exists()
+    assert mode(installed / "etc/edgeloop") == 0o750
+    assert mode(installed / "etc/edgeloop/tls") == 0o750
+    assert mode(installed / "etc/edgeloop/device.toml") == 0o640
+    assert mode(installed / "etc/systemd/system/edgeloop.service") == 0o644
+    assert (installed / "opt/edgeloop/README.md").read_text() == (DEPLOY / "README.md").read_text()
+    # The installed package is this checkout's (the CLI and the daemon, not just the metadata).
+    site = next(venv.glob("lib/python3*/site-packages"))
+    for rel in ("runtime/daemon.py", "edgeloop/cli/device.py"):
+        assert (site / rel).read_bytes() == (REPO / rel).read_bytes()
+
+
+def test_installed_config_is_valid_and_points_into_the_prefix(installed: Path) -> None:
+    conf = installed / "etc/edgeloop/device.toml"
+    s = load_settings(conf, env={})
+    assert s.device_id == "pi-test-01"
+    assert s.state_dir == Path("/var/lib/edgeloop")  # systemd's StateDirectory=edgeloop
+    assert s.public_key == installed / "etc/edgeloop/fleet.pub"
+    assert s.broker.cert == installed / "etc/edgeloop/tls/device.crt"
+    assert s.broker.url.startswith("mqtts://")
+    assert s.drain_deadline == DRAIN_DEFAULT
+    assert "@" not in conf.read_text().replace("@CONFIG_DIR@", "")  # no placeholder left
+    # The env overrides the unit (or an operator) may set still apply on top of it.
+    s2 = load_settings(conf, env={"EDGELOOP_BROKER__URL": "mqtts://10.0.0.1:8883", "EDGELOOP_DRAIN_DEADLINE": "5"})
+    assert s2.broker.url == "mqtts://10.0.0.1:8883" and s2.drain_deadline == 5.0
+
+
+def test_install_is_idempotent_and_keeps_the_operators_config(installed: Path, wheel: Path) -> None:
+    conf = installed / "etc/edgeloop/device.toml"
+    conf.write_text(conf.read_text().replace('fleet = "default"', 'fleet = "kept"'))
+    r = install(installed, wheel, "--pip-args", "--no-deps", "--device-id", "other-id")
+    assert r.returncode == 0, r.stderr
+    assert "keeping existing" in r.stdout
+    assert load_settings(conf, env={}).fleet == "kept"
+    assert load_settings(conf, env={}).device_id == "pi-test-01"
+
+
+def test_install_refuses_bad_input_before_changing_anything(tmp_path: Path, wheel: Path) -> None:
+    cases = {
+        ("--prefix", "relative/root"): "absolute path",
+        ("--prefix", str(tmp_path / "a"), "--device-id", "../etc"): "not valid",
+        ("--prefix", str(tmp_path / "b"), "--extras", "onnx;rm -rf /"): "comma-separated",
+        ("--prefix", str(tmp_path / "c"), "--bogus"): "unknown option",
+        ("--prefix", str(tmp_path / "d"), "--python", "/nonexistent/python3"): "older than 3.11",
+    }
+    for args, message in cases.items():
+        r = run(["sh", PI / "install.sh", "--source", wheel, *args])
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
+    assert not any(tmp_path.iterdir()), "a refused install left files behind"
+
+
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+USER_BEFORE = user_exists("edgeloop")  # read at import, before any install.sh ran
+
+
+def test_install_skips_the_user_outside_the_real_root(installed: Path) -> None:
+    """install.sh ran (as root, here) into a temporary prefix: it must not have created a user."""
+    if USER_BEFORE:
+        pytest.skip("this machine already has a user named edgeloop; cannot tell whether install.sh made it")
+    assert not user_exists("edgeloop")
+
+
+def test_install_script_is_posix_sh() -> None:
+    r = run(["sh", "-n", PI / "install.sh"])
+    assert r.returncode == 0, r.stderr
+    if shutil.which("shellcheck"):
+        r = run(["shellcheck", "--shell=sh", PI / "install.sh", DEPLOY / "docker/entrypoint.sh"])
+        assert r.returncode == 0, r.stdout
+
+
+# --------------------------------------------------------------------------- Raspberry Pi: the unit
+
+
+HARDENING = {
+    "User": "edgeloop",
+    "StateDirectory": "edgeloop",
+    "ProtectSystem": "strict",
+    "ProtectHome": "true",
+    "PrivateTmp": "true",
+    "NoNewPrivileges": "true",
+    "Restart": "on-failure",
+    "KillSignal": "SIGTERM",
+    "KillMode": "mixed",
+    "PrivateDevices": "true",
+    "CapabilityBoundingSet": "",
+    "RestrictSUIDSGID": "true",
+}
+
+
+@pytest.mark.parametrize("which", ["template", "installed"])
+def test_unit_is_hardened(which: str, installed: Path) -> None:
+    path = PI / "edgeloop.service" if which == "template" else installed / "etc/systemd/system/edgeloop.service"
+    unit = unit_file(path)
+    svc = unit["Service"]
+    for key, want in HARDENING.items():
+        assert one(svc, key) == want, f"{key}= should be {want!r}"
+    assert one(svc, "MemoryMax").endswith(("M", "G"))
+    assert "AF_UNIX" in one(svc, "RestrictAddressFamilies")
+    assert one(unit["Install"], "WantedBy") == "multi-user.target"
+
+
+def test_unit_stop_timeout_covers_the_drain_deadline() -> None:
+    """systemd SIGKILLs at TimeoutStopSec; the daemon drains for drain_deadline after SIGTERM."""
+    svc = unit_file(PI / "edgeloop.service")["Service"]
+    stop = seconds(one(svc, "TimeoutStopSec"))
+    sample = tomllib.loads((PI / "device.toml").read_text())
+    drain = float(sample.get("drain_deadline", DRAIN_DEFAULT))
+    assert drain == DRAIN_DEFAULT
+    assert drain + 5 <= stop <= drain + 30, f"TimeoutStopSec={stop} s vs drain_deadline={drain} s"
+    text = (PI / "edgeloop.service").read_text()
+    assert "drain_deadline" in text, "the unit should say why TimeoutStopSec has its value"
+
+
+@pytest.mark.parametrize("which", ["template", "installed"])
+def test_unit_execstart_parses_with_the_cli(which: str, installed: Path) -> None:
+    path = PI / "edgeloop.service" if which == "template" else installed / "etc/systemd/system/edgeloop.service"
+    argv = shlex.split(one(unit_file(path)["Service"], "ExecStart"))
+    command, params = parse_cli(argv)
+    assert command == "edgeloop device run"
+    if which == "installed":
+        assert Path(argv[0]) == installed / "opt/edgeloop/venv/bin/edgeloop"
+        assert Path(params["config"]) == installed / "etc/edgeloop/device.toml"
+        assert Path(params["config"]).is_file()
+    else:
+        assert argv[0] == "/opt/edgeloop/venv/bin/edgeloop"
+        assert params["config"] == Path("/etc/edgeloop/device.toml")
+
+
+def test_unit_passes_systemd_analyze(installed: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not found (apt-get install systemd)")
+    unit = installed / "etc/systemd/system/edgeloop.service"
+    r = run([tool, "verify", unit])
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    # Overall exposure on systemd's 0-100 scale (printed as 0.0-10.0): at most 2.0 "OK".
+    r = run([tool, "security", "--offline=true", "--threshold=20", unit])
+    assert r.returncode == 0, r.stdout[-2000:]
+
+
+@pytest.mark.network
+def test_full_install_runs_the_daemon(wheel: Path, tmp_path: Path) -> None:
+    """install.sh with the real dependencies from PyPI (pip's cache keeps reruns quick), then the
+    unit's ExecStart as a plain process: it connects, and SIGTERM stops it with exit 0 well
+    within TimeoutStopSec."""
+    if OFFLINE:
+        pytest.skip("EDGELOOP_OFFLINE=1")
+    prefix = tmp_path / "root"
+    r = install(prefix, wheel, "--device-id", "pi-full-01")
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    exe = prefix / "opt/edgeloop/venv/bin/edgeloop"
+    r = run([exe, "device", "run", "--help"])
+    assert r.returncode == 0 and "--config" in r.stdout, r.stderr
+    unit = unit_file(prefix / "etc/systemd/system/edgeloop.service")["Service"]
+    argv = shlex.split(one(unit, "ExecStart"))
+    stop_timeout = seconds(one(unit, "TimeoutStopSec"))
+    run_installed_daemon(argv, prefix, stop_timeout)
+
+
+def run_installed_daemon(argv: list[str], prefix: Path, stop_timeout: float) -> None:
+    import uuid
+
+    from helpers_cloudsdk import free_port, run_mosquitto
+
+    from runtime.artifacts import generate_keypair
+
+    conf_dir = prefix / "etc/edgeloop"
+    generate_keypair(conf_dir, overwrite=False)  # fleet.key + fleet.pub, as the cloud would
+    port = free_port()
+    with run_mosquitto(prefix / "broker", f"listener {port} 127.0.0.1\nallow_anonymous true\n", port) as broker:
+        device = f"pi-{uuid.uuid4().hex[:8]}"
+        env = {
+            **os.environ,
+            # What a test cannot take from the sample config: a writable state dir, a loopback
+            # broker without TLS files, no local readings broker.
+            "EDGELOOP_DEVICE_ID": device,
+            "EDGELOOP_STATE_DIR": str(prefix / "var/lib/edgeloop"),
+            "EDGELOOP_BROKER__URL": f"mqtt://127.0.0.1:{port}",
+            "EDGELOOP_SOURCE__KIND": "none",
+        }
+        conf = Path(argv[argv.index("--config") + 1])
+        plain = conf.with_name("device-test.toml")
+        text = "\n".join(
+            line for line in conf.read_text().splitlines() if not line.startswith(("ca =", "cert =", "key ="))
+        )
+        plain.write_text(text + "\n")
+        argv = [*argv[: argv.index("--config") + 1], str(plain)]
+        assert_stops_cleanly(argv, env, broker, device, stop_timeout)
+
+
+def assert_stops_cleanly(
+    argv: Sequence[str], env: dict[str, str], broker: Any, device: str, stop_timeout: float
+) -> None:
+    """Start ``argv``; once ``device`` is connected to ``broker``, SIGTERM it: it must exit 0 within
+    ``stop_timeout`` seconds (what systemd, Docker or the nucleus allow before SIGKILL)."""
+    import signal
+    import time
+
+    from helpers_cloudsdk import wait_until
+
+    log = Path(broker.folder) / f"{device}.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(list(argv), env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: device in broker.log_text() or proc.poll() is not None, 30.0, "the daemon to connect")
+        assert proc.poll() is None, f"the daemon exited {proc.returncode} at start:\n{log.read_text()[-3000:]}"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=stop_timeout)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, f"the daemon exited {rc} on SIGTERM:\n{log.read_text()[-3000:]}"
+    assert took < stop_timeout
+
+
+# --------------------------------------------------------------------------- Greengrass v2
+
+
+GG = DEPLOY / "greengrass"
+DEVICE_WRITES = {"results", "telemetry", "stats", "reported", "status", "cmd/result"}
+DEVICE_READS = {"desired", "cmd", "ack"}
+THING = "core-42"
+GG_VARS = {
+    "{iot:thingName}": THING,
+    "{work:path}": "/greengrass/v2/work/edgeloop.Device",
+    "{artifacts:path}": "/greengrass/v2/packages/artifacts/edgeloop.Device/0.1.0",
+}
+RECIPE_KEYS = {
+    "RecipeFormatVersion",
+    "ComponentName",
+    "ComponentVersion",
+    "ComponentDescription",
+    "ComponentPublisher",
+    "ComponentConfiguration",
+    "ComponentDependencies",
+    "ComponentType",
+    "ComponentSource",
+    "Manifests",
+    "Lifecycle",
+}
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+
+
+def pyproject_version() -> str:
+    return str(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"])
+
+
+def load_recipe() -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load((GG / "recipe.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def gg_interpolate(text: str, recipe: dict[str, Any], variables: dict[str, str] | None = None) -> str:
+    """What the nucleus does to recipe strings: {configuration:/key} and the platform variables."""
+    defaults = recipe["ComponentConfiguration"]["DefaultConfiguration"]
+
+    def conf(m: re.Match[str]) -> str:
+        assert m.group(1) in defaults, f"{{configuration:/{m.group(1)}}} has no default"
+        return str(defaults[m.group(1)])
+
+    out = re.sub(r"\{configuration:/([A-Za-z0-9_]+)\}", conf, text)
+    for var, value in (variables or GG_VARS).items():
+        out = out.replace(var, value)
+    left = re.findall(r"\{[a-zA-Z_]+:[^}]*\}", out)
+    assert not left, f"recipe variables this test does not know: {left}"
+    return out
+
+
+def linux_manifest(recipe: dict[str, Any]) -> dict[str, Any]:
+    (manifest,) = [m for m in recipe["Manifests"] if m.get("Platform", {}).get("os") == "linux"]
+    return dict(manifest)
+
+
+def lifecycle_script(step: Any) -> str:
+    return str(step["Script"] if isinstance(step, dict) else step)
+
+
+def test_greengrass_recipe_has_the_formats_required_fields() -> None:
+    recipe = load_recipe()
+    assert set(recipe) <= RECIPE_KEYS, f"unknown recipe keys: {set(recipe) - RECIPE_KEYS}"
+    assert recipe["RecipeFormatVersion"] == "2020-01-25"  # a string: unquoted YAML would make it a date
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe["ComponentName"])
+    assert SEMVER.match(recipe["ComponentVersion"])
+    assert recipe["ComponentVersion"] == pyproject_version()
+    assert recipe["ComponentDescription"].strip() and recipe["ComponentPublisher"].strip()
+    manifest = linux_manifest(recipe)
+    life = manifest["Lifecycle"]
+    assert {k.lower() for k in life} >= {"install", "run", "setenv"}
+    for artifact in manifest["Artifacts"]:
+        assert artifact["URI"].startswith("s3://BUCKET_NAME/COMPONENT_NAME/COMPONENT_VERSION/"), artifact
+    assert isinstance(recipe["ComponentConfiguration"]["DefaultConfiguration"], dict)
+
+
+def test_greengrass_access_control_allows_only_the_devices_own_topics() -> None:
+    recipe = load_recipe()
+    defaults = recipe["ComponentConfiguration"]["DefaultConfiguration"]
+    fleet = defaults["fleet"]
+    policies = defaults["accessControl"]
+    assert set(policies) == {"aws.greengrass.ipc.mqttproxy"}, "no IPC service beyond IoT Core MQTT"
+    allowed: dict[str, set[str]] = {
+        "aws.greengrass#PublishToIoTCore": set(),
+        "aws.greengrass#SubscribeToIoTCore": set(),
+    }
+    for policy_id, policy in policies["aws.greengrass.ipc.mqttproxy"].items():
+        assert policy_id.startswith(recipe["ComponentName"] + ":"), "policy ids are unique per component"
+        assert policy["policyDescription"].strip()
+        ops = policy["operations"]
+        assert len(ops) == 1 and ops[0] in allowed, f"{policy_id}: one operation per policy, not {ops}"
+        for resource in policy["resources"]:
+            assert not set(resource) & {"*", "#", "+"}, f"{policy_id}: wildcard in {resource!r}"
+            m = re.fullmatch(r"edgeloop/([^/]+)/\{iot:thingName\}/(.+)", resource)
+            assert m and m.group(1) == fleet, f"{policy_id}: {resource!r} is not edgeloop/{fleet}/{{iot:thingName}}/…"
+            allowed[ops[0]].add(m.group(2))
+    assert allowed["aws.greengrass#PublishToIoTCore"] == DEVICE_WRITES
+    assert allowed["aws.greengrass#SubscribeToIoTCore"] == DEVICE_READS
+
+
+def test_greengrass_policy_covers_what_the_transport_sends() -> None:
+    """The transport's own IPC requests (built with the SDK's model types) are all allowed."""
+    pytest.importorskip("awsiot.greengrasscoreipc.model", reason="awsiotsdk missing: pip install 'edgeloop[aws]'")
+    from runtime.transports.greengrass import publish_request, subscribe_requests
+
+    recipe = load_recipe()
+    fleet = recipe["ComponentConfiguration"]["DefaultConfiguration"]["fleet"]
+    policies = recipe["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]["aws.greengrass.ipc.mqttproxy"]
+    allowed: dict[str, set[str]] = {}
+    for policy in policies.values():
+        for op in policy["operations"]:
+            allowed.setdefault(op, set()).update(gg_interpolate(r, recipe) for r in policy["resources"])
+    for suffix in sorted(DEVICE_WRITES):
+        req = publish_request(fleet, THING, suffix, b"{}")
+        assert req.topic_name in allowed["aws.greengrass#PublishToIoTCore"], req.topic_name
+    for req in subscribe_requests(fleet, THING, with_ack=True):
+        assert req.topic_name in allowed["aws.greengrass#SubscribeToIoTCore"], req.topic_name
+
+
+def test_greengrass_run_command_parses_with_the_cli() -> None:
+    recipe = load_recipe()
+    life = linux_manifest(recipe)["Lifecycle"]
+    script = gg_interpolate(lifecycle_script(life["run"]), recipe).strip()
+    assert script.startswith("exec "), "exec, so that the daemon itself gets the nucleus's stop signal"
+    argv = shlex.split(script)[1:]
+    command, params = parse_cli(argv)
+    assert command == "edgeloop device run"
+    assert argv[0] == f"{GG_VARS['{work:path}']}/venv/bin/edgeloop"
+    assert params["config"] == Path(GG_VARS["{artifacts:path}"]) / "device.toml"
+
+
+def test_greengrass_install_makes_a_venv_with_the_aws_extra() -> None:
+    recipe = load_recipe()
+    manifest = linux_manifest(recipe)
+    install_step = manifest["Lifecycle"]["install"]
+    script = gg_interpolate(lifecycle_script(install_step), recipe)
+    work = GG_VARS["{work:path}"]
+    assert f"-m venv --clear {work}/venv" in script
+    wheel_name = f"edgeloop-{pyproject_version()}-py3-none-any.whl"
+    assert f"{GG_VARS['{artifacts:path}']}/{wheel_name}[aws]" in script
+    assert "aws" in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert int(install_step["Timeout"]) >= 300, "pip on a small core takes minutes; the default is 120 s"
+    shipped = {a["URI"].rsplit("/", 1)[1] for a in manifest["Artifacts"]}
+    assert shipped == {wheel_name, "device.toml", "fleet.pub"}
+
+
+def gg_environment(recipe: dict[str, Any], variables: dict[str, str] | None = None) -> dict[str, str]:
+    setenv = linux_manifest(recipe)["Lifecycle"]["Setenv"]
+    return {k: gg_interpolate(str(v), recipe, variables) for k, v in setenv.items()}
+
+
+def test_greengrass_config_validates_with_the_recipes_environment() -> None:
+    recipe = load_recipe()
+    env = gg_environment(recipe)
+    s = load_settings(GG / "device.toml", env=env)
+    assert s.device_id == THING
+    assert s.broker.transport == "greengrass"
+    assert s.fleet == recipe["ComponentConfiguration"]["DefaultConfiguration"]["fleet"]
+    assert s.state_dir == Path(GG_VARS["{work:path}"]) / "state"
+    assert s.public_key == Path(GG_VARS["{artifacts:path}"]) / "fleet.pub"
+    assert s.drain_deadline == float(recipe["ComponentConfiguration"]["DefaultConfiguration"]["drainDeadline"])
+
+
+def test_gdk_config_matches_the_recipe() -> None:
+    import json
+
+    gdk = json.loads((GG / "gdk-config.json").read_text())
+    assert set(gdk) == {"component", "gdk_version"}
+    assert SEMVER.match(gdk["gdk_version"])
+    recipe = load_recipe()
+    assert list(gdk["component"]) == [recipe["ComponentName"]]
+    comp = gdk["component"][recipe["ComponentName"]]
+    assert set(comp) >= {"author", "version", "build", "publish"}
+    assert comp["version"] == recipe["ComponentVersion"]
+    assert comp["build"]["build_system"] == "custom"
+    assert comp["build"]["custom_build_command"] == ["sh", "build.sh"]
+    assert (GG / "build.sh").is_file()
+    assert comp["publish"]["bucket"] and comp["publish"]["region"]
+
+
+def test_gdk_build_lays_out_the_component(wheel: Path, tmp_path: Path) -> None:
+    from runtime.artifacts import generate_keypair
+
+    _key, pub = generate_keypair(tmp_path / "keys", overwrite=False)
+    out = tmp_path / "greengrass-build"
+    env = {**os.environ, "WHEEL": str(wheel), "FLEET_PUB": str(pub), "BUILD_DIR": str(out), "PYTHON": sys.executable}
+    r = run(["sh", GG / "build.sh"], env=env)
+    assert r.returncode == 0, r.stderr
+    recipe = load_recipe()
+    assert (out / "recipes/recipe.yaml").read_text() == (GG / "recipe.yaml").read_text()
+    art = out / "artifacts" / recipe["ComponentName"] / recipe["ComponentVersion"]
+    for artifact in linux_manifest(recipe)["Artifacts"]:
+        assert (art / artifact["URI"].rsplit("/", 1)[1]).is_file(), artifact["URI"]
+    # Without a key it refuses, with the reason.
+    r = run(["sh", GG / "build.sh"], env={**env, "FLEET_PUB": str(tmp_path / "missing.pub")})
+    assert r.returncode != 0 and "FLEET_PUB" in r.stderr
+
+
+def test_greengrass_run_without_a_nucleus_fails_fast_and_says_why(tmp_path: Path) -> None:
+    """The component's run command, as the nucleus would start it but with no nucleus: a clear
+    error within seconds, not a hang (the installed venv is stood in for by this checkout's)."""
+    from runtime.artifacts import generate_keypair
+
+    recipe = load_recipe()
+    artifacts, work = tmp_path / "artifacts", tmp_path / "work"
+    work.mkdir()
+    generate_keypair(artifacts, overwrite=False)
+    shutil.copy2(GG / "device.toml", artifacts / "device.toml")
+    variables = {**GG_VARS, "{work:path}": str(work), "{artifacts:path}": str(artifacts)}
+    script = gg_interpolate(lifecycle_script(linux_manifest(recipe)["Lifecycle"]["run"]), recipe, variables)
+    argv = shlex.split(script)[1:]
+    argv[0] = str(Path(sys.executable).with_name("edgeloop"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGELOOP_", "AWS_GG_", "SVCUID"))}
+    env.update(gg_environment(recipe, variables))
+    env["EDGELOOP_SOURCE__KIND"] = "none"  # no local readings broker here
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT" in r.stderr or "nucleus" in r.stderr, r.stderr
