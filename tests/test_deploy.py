@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -594,3 +595,448 @@ def test_greengrass_run_without_a_nucleus_fails_fast_and_says_why(tmp_path: Path
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode != 0, r.stdout + r.stderr
     assert "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT" in r.stderr or "nucleus" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- Docker: the Dockerfile
+
+
+DOCKER = DEPLOY / "docker"
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str  # image or stage name, ARGs resolved
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` pairs: comments and parser directives dropped, continuations joined."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        stripped = raw.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and stripped.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        line = pending + stripped
+        pending = ""
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def dockerfile_stages(path: Path) -> dict[str, Stage]:
+    args: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for word, rest in dockerfile_instructions(path):
+        if word == "ARG" and current is None:
+            name, _, default = rest.partition("=")
+            args[name] = default
+        elif word == "FROM":
+            m = re.fullmatch(r"(?:--platform=\S+\s+)?(\S+)\s+AS\s+(\S+)", rest, flags=re.IGNORECASE)
+            assert m, f"every stage is named: FROM {rest}"
+            base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda g: args[g.group(1) or g.group(2)], m.group(1))
+            current = Stage(m.group(2), base)
+            assert current.name not in stages, f"stage {current.name} twice"
+            stages[current.name] = current
+        else:
+            assert current is not None, f"{word} before the first FROM"
+            current.instructions.append((word, rest))
+    return stages
+
+
+def effective(stages: dict[str, Stage], target: str, word: str) -> str | None:
+    """The last ``word`` instruction in ``target`` or the stages it is built FROM."""
+    stage = stages[target]
+    for w, rest in reversed(stage.instructions):
+        if w == word:
+            return rest
+    return effective(stages, stage.base, word) if stage.base in stages else None
+
+
+def root_image(stages: dict[str, Stage], target: str) -> str:
+    base = stages[target].base
+    return root_image(stages, base) if base in stages else base
+
+
+def exec_form(value: str | None, what: str) -> list[str]:
+    import json
+
+    assert value is not None, f"no {what}"
+    try:
+        argv = json.loads(value)
+    except ValueError:
+        raise AssertionError(f"{what} is in shell form ({value!r}); use exec form, a JSON array") from None
+    assert isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv), value
+    return argv
+
+
+def test_dockerfile_targets_are_slim_non_root_and_exec_form() -> None:
+    stages = dockerfile_stages(DOCKER / "Dockerfile")
+    assert {"device", "cloud"} <= set(stages)
+    for target in ("device", "cloud"):
+        assert root_image(stages, target).startswith("python:3.11-slim"), root_image(stages, target)
+        user = effective(stages, target, "USER")
+        assert user and user.split(":")[0] not in ("root", "0"), f"{target} runs as {user!r}"
+        assert effective(stages, target, "STOPSIGNAL") == "SIGTERM"
+        entry = exec_form(effective(stages, target, "ENTRYPOINT"), f"{target} ENTRYPOINT")
+        cmd = exec_form(effective(stages, target, "CMD"), f"{target} CMD")
+        assert entry == ["/usr/local/bin/edgeloop-entrypoint"]
+        command, params = parse_cli(cmd)
+        assert command == {"device": "edgeloop device run", "cloud": "edgeloop cloud serve"}[target]
+        # The config the command names is the one the image copies in, and it is valid.
+        copies = [rest.split()[-2:] for w, rest in stages[target].instructions if w == "COPY"]
+        assert [f"deploy/docker/{target}.toml", str(params["config"])] in copies
+    # The user the images run as exists in them (created in the stage they build on).
+    base_runs = " ".join(rest for w, rest in stages["base"].instructions if w == "RUN")
+    assert "useradd" in base_runs and "edgeloop" in base_runs
+
+
+def test_dockerfile_states_its_stop_signal_and_grace_period() -> None:
+    lines = (DOCKER / "Dockerfile").read_text().splitlines()
+    found = 0
+    for i, line in enumerate(lines):
+        if line.startswith("STOPSIGNAL"):
+            found += 1
+            block = []
+            j = i - 1
+            while j >= 0 and lines[j].startswith("#"):
+                block.insert(0, lines[j])
+                j -= 1
+            why = " ".join(block)
+            assert "SIGTERM" in why and "Grace period: 30 s" in why, f"say why beside {line!r}: {why!r}"
+    assert found == 2  # device and cloud
+    assert DRAIN_DEFAULT + 5 <= 30
+
+
+def test_dockerfile_copies_only_what_exists_and_builds_from_its_stages() -> None:
+    stages = dockerfile_stages(DOCKER / "Dockerfile")
+    for stage in stages.values():
+        for word, rest in stage.instructions:
+            if word == "COPY" and "--from=" not in rest:
+                sources = [a for a in rest.split()[:-1] if not a.startswith("--")]
+                for src in sources:
+                    assert (REPO / src).exists(), f"COPY {src}: not in the build context"
+            for ref in re.findall(r"from=([\w.-]+)", rest):
+                assert ref in stages, f"{stage.name}: refers to a stage {ref!r} that does not exist"
+    entry = [rest for w, rest in stages["base"].instructions if w == "COPY" and "entrypoint" in rest]
+    assert entry and entry[0].endswith("deploy/docker/entrypoint.sh /usr/local/bin/edgeloop-entrypoint")
+    assert os.access(DOCKER / "entrypoint.sh", os.X_OK)
+
+
+def test_docker_configs_are_valid() -> None:
+    from cloud.config import load_cloud_settings
+
+    s = load_settings(DOCKER / "device.toml", env={"EDGELOOP_DEVICE_ID": "0123456789ab"})  # a container hostname
+    assert s.broker.transport == "mqtt" and s.state_dir == Path("/var/lib/edgeloop")
+    assert s.drain_deadline == DRAIN_DEFAULT
+    c = load_cloud_settings(DOCKER / "cloud.toml")
+    assert c.fleet == s.fleet
+    assert c.http_host == "0.0.0.0"
+    assert c.public_key.parent == Path("/var/lib/edgeloop/keys")
+
+
+# --------------------------------------------------------------------------- Docker: compose
+
+
+EDGELOOP_SERVICES = ("cloud", "sim", "device")
+
+
+def compose_interpolate(value: Any, env: dict[str, str] | None = None) -> Any:
+    """Compose's variable substitution: ``${VAR:-default}``, ``${VAR}``, ``$$`` for a literal ``$``."""
+    env = env or {}
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(3)
+            got = env.get(name, "")
+            assert got or default is not None, f"${{{name}}} has no default"
+            return got or (default or "")
+
+        return re.sub(r"\$\$|\$\{(\w+)(:-([^}]*))?\}", sub, value)
+    if isinstance(value, list):
+        return [compose_interpolate(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: compose_interpolate(v, env) for k, v in value.items()}
+    return value
+
+
+def load_compose() -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load((DOCKER / "compose.yaml").read_text())  # PyYAML resolves the << merge keys
+    return dict(compose_interpolate(data))
+
+
+def test_compose_services_build_the_dockerfiles_targets() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    assert set(services) == {"mosquitto", "cloud", "sim", "device"}
+    assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
+    stages = dockerfile_stages(DOCKER / "Dockerfile")
+    version = pyproject_version()
+    for name in EDGELOOP_SERVICES:
+        svc = services[name]
+        build = svc["build"]
+        assert (DOCKER / build["context"]).resolve() == REPO
+        assert (REPO / build["dockerfile"]).resolve() == (DOCKER / "Dockerfile").resolve()
+        assert build["target"] in stages
+        # One image name per target, tagged with the package version.
+        assert svc["image"] == f"edgeloop-{build['target']}:{version}", svc["image"]
+
+
+def test_compose_commands_parse_with_the_cli_and_match_the_images() -> None:
+    services = load_compose()["services"]
+    stages = dockerfile_stages(DOCKER / "Dockerfile")
+    want = {"cloud": "edgeloop cloud serve", "sim": "edgeloop sim run", "device": "edgeloop device run"}
+    for name, command in want.items():
+        argv = [str(a) for a in services[name]["command"]]
+        got, params = parse_cli(argv)
+        assert got == command
+        if name in ("cloud", "device"):
+            # The service runs what the image runs by default.
+            assert argv == exec_form(effective(stages, services[name]["build"]["target"], "CMD"), "CMD")
+        if name == "sim":
+            assert params["broker"] == "mqtt://mosquitto:1883"
+            assert int(params["devices"]) >= 1
+    for svc in services.values():
+        test = svc.get("healthcheck", {}).get("test")
+        if test is not None:
+            assert test[0] == "CMD", "healthchecks in exec form"
+
+
+def test_compose_stop_grace_covers_the_drain() -> None:
+    services = load_compose()["services"]
+    for name in EDGELOOP_SERVICES:
+        svc = services[name]
+        assert svc["stop_signal"] == "SIGTERM"
+        grace = seconds(svc["stop_grace_period"])
+        drain = float(svc.get("environment", {}).get("EDGELOOP_DRAIN_DEADLINE", DRAIN_DEFAULT))
+        assert grace >= drain + 5, f"{name}: stop_grace_period {grace} s vs drain_deadline {drain} s"
+
+
+def test_compose_ports_and_volumes_are_consistent() -> None:
+    from cloud.config import load_cloud_settings
+
+    compose = load_compose()
+    services = compose["services"]
+    declared = set(compose["volumes"])
+    used: set[str] = set()
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            host = str(port).rpartition(":")[0]
+            assert host.startswith("127.0.0.1:"), f"{name}: publish {port} on loopback only"
+        for vol in svc.get("volumes", []):
+            source, target = str(vol).split(":")[:2]
+            if source.startswith((".", "/")):
+                assert (DOCKER / source).exists(), f"{name}: bind mount {source} does not exist"
+            else:
+                assert source in declared, f"{name}: volume {source} is not declared"
+                used.add(source)
+            assert target.startswith("/")
+        for dep in svc.get("depends_on", {}):
+            assert dep in services
+    assert used == declared, f"declared but unused volumes: {declared - used}"
+
+    # The broker the services use is the compose broker, on the port its config opens.
+    conf = conf_options_of(DEPLOY / "mosquitto" / "compose.conf")
+    assert conf["listener"] == ["1883"]
+    assert [p.rsplit(":", 1)[1] for p in services["mosquitto"]["ports"]] == ["1883"]
+    assert "../mosquitto/compose.conf:/mosquitto/config/mosquitto.conf:ro" in services["mosquitto"]["volumes"]
+    assert conf["persistence_location"] == ["/mosquitto/data/"]
+    assert "mosquitto-data:/mosquitto/data" in services["mosquitto"]["volumes"]
+
+    cloud = load_cloud_settings(DOCKER / "cloud.toml")
+    assert cloud.broker == "mqtt://mosquitto:1883"
+    assert [p.rsplit(":", 1)[1] for p in services["cloud"]["ports"]] == [str(cloud.http_port)]
+    assert cloud.public_url == f"http://cloud:{cloud.http_port}"
+    # State, keys and the shared public key live on volumes, where the configs say.
+    mounts = {svc: dict(reversed(v.split(":")[:2]) for v in services[svc]["volumes"]) for svc in EDGELOOP_SERVICES}
+    assert mounts["cloud"]["/var/lib/edgeloop"] == "cloud-data"
+    assert mounts["cloud"][str(cloud.signing_key.parent)] == "fleet-keys"
+    assert services["cloud"]["environment"]["FLEET_KEYS_DIR"] == str(cloud.signing_key.parent)
+    assert cloud.store == "sqlite:////var/lib/edgeloop/cloud.db"
+    dev = load_settings(DOCKER / "device.toml", env={"EDGELOOP_DEVICE_ID": "x", **services["device"]["environment"]})
+    assert mounts["device"][str(dev.public_key.parent)] == "fleet-keys"
+    assert mounts["sim"]["/etc/edgeloop/keys"] == "fleet-keys"
+    assert dev.fleet == cloud.fleet
+    assert dev.broker.url == cloud.broker
+
+
+def conf_options_of(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            out.setdefault(key, []).append(value.strip())
+    return out
+
+
+# --------------------------------------------------------------------------- Docker: the containers' commands, as processes
+
+
+def entrypoint(argv: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(DOCKER / "entrypoint.sh"), *argv], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGELOOP_", "IOTEDGE_", "FLEET_KEYS_DIR"))}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # `edgeloop` as in the image
+    return env
+
+
+def test_entrypoint_gives_each_container_a_device_id_and_execs() -> None:
+    hostname = Path("/proc/sys/kernel/hostname").read_text().strip()
+    show = ["sh", "-c", 'echo "$EDGELOOP_DEVICE_ID"']
+    assert entrypoint(show, base_env()).stdout.strip() == hostname  # compose replicas: the container hostname
+    assert entrypoint(show, {**base_env(), "IOTEDGE_DEVICEID": "edge-7"}).stdout.strip() == "edge-7"
+    preset = {**base_env(), "EDGELOOP_DEVICE_ID": "preset", "IOTEDGE_DEVICEID": "edge-7"}
+    assert entrypoint(show, preset).stdout.strip() == "preset"
+    # exec: the command replaces the entrypoint's shell, so docker's SIGTERM reaches it.
+    proc = subprocess.Popen(
+        ["sh", str(DOCKER / "entrypoint.sh"), "sh", "-c", "echo $$"], env=base_env(), stdout=subprocess.PIPE, text=True
+    )
+    out, _ = proc.communicate(timeout=30)
+    assert int(out.strip()) == proc.pid
+    # The command's exit status is the container's.
+    assert entrypoint(["sh", "-c", "exit 3"], base_env()).returncode == 3
+
+
+def test_entrypoint_creates_the_fleet_key_once(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    env = {**base_env(), "FLEET_KEYS_DIR": str(keys)}
+    r = entrypoint(["true"], env)
+    assert r.returncode == 0, r.stderr
+    assert mode(keys / "fleet.key") == 0o600 and (keys / "fleet.pub").is_file()
+    before = (keys / "fleet.key").read_bytes()
+    r = entrypoint(["true"], env)
+    assert r.returncode == 0, r.stderr
+    assert (keys / "fleet.key").read_bytes() == before, "a restart must never replace the signing key"
+
+
+class Running:
+    """A service's command as a plain process, output to a file, SIGTERM and exit code on stop."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], folder: Path) -> None:
+        self.name = name
+        self.log = folder / f"{name}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                ["sh", str(DOCKER / "entrypoint.sh"), *argv], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float) -> tuple[int, float]:
+        """SIGTERM, wait up to ``grace`` seconds (then SIGKILL, as docker would); return (code, seconds)."""
+        import signal
+        import time
+
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"{self.name} did not stop within {grace} s of SIGTERM:\n{self.output()}") from None
+        return rc, time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_compose_cloud_and_device_commands_run_as_processes(tmp_path: Path) -> None:
+    """The cloud and device services' commands, through the image's entrypoint, with the compose
+    environment — only the paths the volumes provide and the broker's address are mapped to this
+    machine. Both connect, and both stop on SIGTERM with exit 0 within stop_grace_period."""
+    from helpers_cloudsdk import free_port, run_mosquitto, wait_until
+
+    from runtime.config import dump_toml
+
+    services = load_compose()["services"]
+    mqtt_port, http_port = free_port(), free_port()
+    conf = (DEPLOY / "mosquitto" / "compose.conf").read_text()
+    conf = conf.replace("listener 1883\n", f"listener {mqtt_port} 127.0.0.1\n")
+    conf = conf.replace("persistence_location /mosquitto/data/", f"persistence_location {tmp_path}/mqdata/")
+    (tmp_path / "mqdata").mkdir()
+    volumes = {"/var/lib/edgeloop": tmp_path / "cloud-data", "/etc/edgeloop/keys": tmp_path / "keys"}
+    with run_mosquitto(tmp_path / "mosquitto", conf, mqtt_port) as broker:
+        broker_url = f"mqtt://127.0.0.1:{mqtt_port}"
+        # cloud: cloud.toml as the image has it, the compose network's names mapped to loopback
+        cloud_conf = tomllib.loads((DOCKER / "cloud.toml").read_text())
+        keys_dir = volumes["/etc/edgeloop/keys"]  # the fleet-keys volume, mounted in both services
+        cloud_conf.update(
+            broker=broker_url,
+            http_host="127.0.0.1",
+            http_port=http_port,
+            public_url=f"http://127.0.0.1:{http_port}",
+            store=f"sqlite:///{volumes['/var/lib/edgeloop']}/cloud.db",
+            signing_key=str(keys_dir / "fleet.key"),
+            public_key=str(keys_dir / "fleet.pub"),
+            artifacts_dir=str(volumes["/var/lib/edgeloop"] / "artifacts"),
+        )
+        volumes["/var/lib/edgeloop"].mkdir()
+        cloud_toml = tmp_path / "cloud.toml"
+        cloud_toml.write_text(dump_toml(cloud_conf))
+        cloud_cmd = [str(cloud_toml) if a == "/etc/edgeloop/cloud.toml" else a for a in services["cloud"]["command"]]
+        cloud_env = {**base_env(), **services["cloud"]["environment"], "FLEET_KEYS_DIR": str(keys_dir)}
+
+        device_env = {
+            **base_env(),
+            **services["device"]["environment"],
+            "EDGELOOP_BROKER__URL": broker_url,
+            "EDGELOOP_STATE_DIR": str(tmp_path / "device-state"),  # the replica's anonymous volume
+            "EDGELOOP_PUBLIC_KEY": str(keys_dir / "fleet.pub"),
+        }
+        device_cmd = [
+            str(DOCKER / "device.toml") if a == "/etc/edgeloop/device.toml" else a
+            for a in services["device"]["command"]
+        ]
+        hostname = Path("/proc/sys/kernel/hostname").read_text().strip()
+        started: list[Running] = []
+        try:
+            cloud = Running("cloud", cloud_cmd, cloud_env, tmp_path)
+            started.append(cloud)
+            health = [a.replace("8780", str(http_port)) for a in services["cloud"]["healthcheck"]["test"][1:]]
+            health[0] = sys.executable
+
+            def healthy() -> bool:
+                assert cloud.alive(), f"cloud exited {cloud.proc.returncode}:\n{cloud.output()}"
+                return subprocess.run(health, capture_output=True, timeout=10).returncode == 0
+
+            wait_until(healthy, 60.0, "the cloud's healthcheck to pass")
+            assert (keys_dir / "fleet.pub").is_file(), "the entrypoint made the fleet key on first start"
+            device = Running("device", device_cmd, device_env, tmp_path)
+            started.append(device)
+
+            def connected() -> bool:
+                assert device.alive(), f"device exited {device.proc.returncode}:\n{device.output()}"
+                return hostname in broker.log_text()
+
+            wait_until(connected, 30.0, f"device {hostname} to connect")
+            for svc in (device, cloud):
+                grace = seconds(services[svc.name]["stop_grace_period"])
+                rc, took = svc.stop(grace)
+                assert rc == 0, f"{svc.name} exited {rc} on SIGTERM after {took:.1f} s:\n{svc.output()}"
+        finally:
+            for svc in started:
+                svc.kill()
