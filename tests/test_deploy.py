@@ -705,7 +705,7 @@ def test_dockerfile_states_its_stop_signal_and_grace_period() -> None:
     for i, line in enumerate(lines):
         if line.startswith("STOPSIGNAL"):
             found += 1
-            block = []
+            block: list[str] = []
             j = i - 1
             while j >= 0 and lines[j].startswith("#"):
                 block.insert(0, lines[j])
@@ -1040,3 +1040,104 @@ def test_compose_cloud_and_device_commands_run_as_processes(tmp_path: Path) -> N
         finally:
             for svc in started:
                 svc.kill()
+
+
+# --------------------------------------------------------------------------- Azure IoT Edge
+
+
+AZURE = DEPLOY / "azure-iot-edge"
+
+
+def load_deployment() -> dict[str, Any]:
+    import json
+
+    doc = json.loads((AZURE / "deployment.template.json").read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def create_options(module: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    raw = module["settings"]["createOptions"]
+    assert isinstance(raw, str), "createOptions is a JSON string in a deployment manifest"
+    assert len(raw) <= 512, "longer createOptions must be split into createOptions01, 02, …"
+    opts = json.loads(raw)
+    assert isinstance(opts, dict)
+    return opts
+
+
+def test_iot_edge_manifest_has_the_runtime_and_system_modules() -> None:
+    content = load_deployment()["modulesContent"]
+    agent = content["$edgeAgent"]["properties.desired"]
+    assert agent["schemaVersion"] == "1.1"
+    assert agent["runtime"]["type"] == "docker"
+    system = agent["systemModules"]
+    assert set(system) == {"edgeAgent", "edgeHub"}
+    assert system["edgeAgent"]["settings"]["image"].startswith("mcr.microsoft.com/azureiotedge-agent:")
+    assert system["edgeHub"]["settings"]["image"].startswith("mcr.microsoft.com/azureiotedge-hub:")
+    assert system["edgeHub"]["status"] == "running" and system["edgeHub"]["restartPolicy"] == "always"
+    for name, module in {**system, **agent["modules"]}.items():
+        assert module["type"] == "docker", name
+        create_options(module)
+    for name, module in agent["modules"].items():
+        assert module["status"] in ("running", "stopped") and module["restartPolicy"] in (
+            "never",
+            "on-failure",
+            "on-unhealthy",
+            "always",
+        ), name
+        for key, value in module.get("env", {}).items():
+            assert set(value) == {"value"} and isinstance(value["value"], str), f"{name}: env {key}"
+
+
+def test_iot_edge_routes_send_the_modules_messages_upstream() -> None:
+    content = load_deployment()["modulesContent"]
+    hub = content["$edgeHub"]["properties.desired"]
+    assert hub["schemaVersion"] == "1.1"
+    routes = [r["route"] if isinstance(r, dict) else r for r in hub["routes"].values()]
+    # The azure-edge transport sends with send_message (the module's default output), which only a
+    # route on /messages/modules/edgeloop/* (not …/outputs/*) forwards.
+    assert "FROM /messages/modules/edgeloop/* INTO $upstream" in routes
+    assert hub["storeAndForwardConfiguration"]["timeToLiveSecs"] >= 3600
+
+
+def test_iot_edge_module_runs_the_device_image_with_the_azure_edge_transport() -> None:
+    content = load_deployment()["modulesContent"]
+    module = content["$edgeAgent"]["properties.desired"]["modules"]["edgeloop"]
+    image = module["settings"]["image"]
+    assert image == "${CONTAINER_REGISTRY_ADDRESS}/edgeloop-device:" + pyproject_version() + "-azure"
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "DEVICE_EXTRAS=onnx,azure" in dockerfile and "edgeloop-device:0.1.0-azure" in dockerfile
+    assert "FROM base AS device" in dockerfile
+
+    opts = create_options(module)
+    binds = opts["HostConfig"]["Binds"]
+    assert "edgeloop-state:/var/lib/edgeloop" in binds, "the state (outbox, models) survives a module update"
+    assert opts["StopSignal"] == "SIGTERM" and opts["StopTimeout"] >= DRAIN_DEFAULT + 5
+    assert opts["HostConfig"]["ReadonlyRootfs"] is True and opts["HostConfig"]["CapDrop"] == ["ALL"]
+
+    env = {k: v["value"] for k, v in module["env"].items()}
+    assert env["EDGELOOP_BROKER__TRANSPORT"] == "azure-edge"
+    # The image's config with this environment, and the device id the entrypoint takes from IoT Edge.
+    s = load_settings(DOCKER / "device.toml", env={**env, "EDGELOOP_DEVICE_ID": "edge-device-1"})
+    assert s.broker.transport == "azure-edge"
+    assert str(s.public_key.parent) in [b.split(":")[1] for b in binds]
+    assert s.state_dir == Path("/var/lib/edgeloop")
+    assert s.drain_deadline + 5 <= opts["StopTimeout"]
+    # The readings broker it names is a module of the same deployment (modules resolve by name).
+    assert s.source.url == "mqtt://mosquitto:1883"
+    modules = content["$edgeAgent"]["properties.desired"]["modules"]
+    assert "mosquitto" in modules and modules["mosquitto"]["startupOrder"] < module["startupOrder"]
+
+
+def test_iot_edge_module_twin_desired_properties_are_a_desired_state() -> None:
+    from runtime.protocol import DesiredState
+    from runtime.transports.azure_iot import DESIRED_KEY
+
+    content = load_deployment()["modulesContent"]
+    twin = content["edgeloop"]["properties.desired"]
+    assert set(twin) == {DESIRED_KEY}
+    state = DesiredState.model_validate(twin[DESIRED_KEY])
+    assert state.model is None  # the cloud deploys models; the manifest only sets the config
+    assert state.config["capture_rate"] == 1.0
