@@ -1141,3 +1141,57 @@ def test_iot_edge_module_twin_desired_properties_are_a_desired_state() -> None:
     state = DesiredState.model_validate(twin[DESIRED_KEY])
     assert state.model is None  # the cloud deploys models; the manifest only sets the config
     assert state.config["capture_rate"] == 1.0
+
+
+# --------------------------------------------------------------------------- Raspberry Pi: aarch64 wheels
+
+
+def wheel_platforms(filename: str) -> list[str]:
+    """Platform tags of a wheel file name (``name-ver[-build]-py-abi-plat.whl``, compressed tag sets split)."""
+    assert filename.endswith(".whl"), filename
+    parts = filename[: -len(".whl")].split("-")
+    assert len(parts) in (5, 6), filename
+    return parts[-1].split(".")
+
+
+def manylinux_glibc(tag: str) -> tuple[int, int] | None:
+    legacy = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+    for prefix, glibc in legacy.items():
+        if tag.startswith(prefix + "_"):
+            return glibc
+    m = re.match(r"manylinux_(\d+)_(\d+)_", tag)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@pytest.mark.network
+def test_device_install_resolves_to_aarch64_wheels_only(tmp_path: Path) -> None:
+    """A Raspberry Pi (aarch64, CPython 3.11) installs the device's dependencies from wheels alone:
+    no compiler, no sdist. pip's cache (EDGELOOP_PIP_CACHE, default ~/.cache/edgeloop-tests/pip)
+    keeps reruns quick."""
+    if OFFLINE:
+        pytest.skip("EDGELOOP_OFFLINE=1")
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    cache = Path(os.environ.get("EDGELOOP_PIP_CACHE", Path.home() / ".cache" / "edgeloop-tests" / "pip"))
+    dest = tmp_path / "wheels"
+    r = run(
+        [
+            sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+            "--only-binary=:all:", "--platform", "manylinux2014_aarch64",
+            "--python-version", "3.11", "--implementation", "cp",
+            "--dest", dest, "--cache-dir", cache, *deps,
+        ]
+    )  # fmt: skip
+    assert r.returncode == 0, f"pip download for aarch64 failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    files = sorted(p.name for p in dest.iterdir())
+    assert files and all(f.endswith(".whl") for f in files), files
+    for f in files:
+        platforms = wheel_platforms(f)
+        if platforms == ["any"]:
+            continue
+        assert any(p.endswith("_aarch64") for p in platforms), f"{f} is not for aarch64"
+        glibc = [manylinux_glibc(p) for p in platforms if p.endswith("_aarch64")]
+        assert any(g is not None and g <= (2, 17) for g in glibc), f"{f} needs a newer glibc than manylinux2014"
+    names = {re.sub(r"[-_.]+", "-", f.split("-")[0]).lower() for f in files}
+    for dep in deps:
+        name = re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0]
+        assert re.sub(r"[-_.]+", "-", name).lower() in names, f"{name} was not resolved"
