@@ -46,6 +46,7 @@ class FleetSpec:
     seed: int = 7
     max_delay: float = 0.2
     outbox_max_rows: int = 1_000_000
+    protocol: str = "5"  # "3.1.1" for brokers without MQTT 5 (the embedded amqtt)
 
 
 class SimDevice:
@@ -63,7 +64,7 @@ class SimDevice:
                 "state_dir": state_dir,
                 "public_key": public_key,
                 "features": spec.features,
-                "broker": {"url": spec.broker, "resend_after": spec.resend_after, "protocol": "5"},
+                "broker": {"url": spec.broker, "resend_after": spec.resend_after, "protocol": spec.protocol},
                 "source": {"kind": "none"},
                 "batch": {"max_rows": 512, "max_delay": spec.max_delay},
                 "outbox": {"max_rows": spec.outbox_max_rows},
