@@ -46,6 +46,7 @@ class FleetSpec:
     seed: int = 7
     max_delay: float = 0.2
     outbox_max_rows: int = 1_000_000
+    prefix: str = "sim"
     protocol: str = "5"  # "3.1.1" for brokers without MQTT 5 (the embedded amqtt)
 
 
@@ -141,7 +142,7 @@ class SimFleet:
         for i in range(spec.devices):
             sc = scenario if scenario_devices is None or i in scenario_devices else Scenario("steady")
             group = spec.groups[i % len(spec.groups)] if spec.groups else None
-            did = f"sim-{i:04d}"
+            did = f"{spec.prefix}-{i:04d}"
             self.devices.append(SimDevice(did, self.root / did, public_key, spec, sc, spec.seed * 1000 + i, group))
         self.t0 = 0.0
         self._task: asyncio.Task[Any] | None = None
