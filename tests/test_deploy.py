@@ -807,7 +807,13 @@ def test_compose_commands_parse_with_the_cli_and_match_the_images() -> None:
             assert argv == exec_form(effective(stages, services[name]["build"]["target"], "CMD"), "CMD")
         if name == "sim":
             assert params["broker"] == "mqtt://mosquitto:1883"
+            assert params["fleet"] == "demo"
             assert int(params["devices"]) >= 1
+            # its state on the container's own volume, the key from the shared one
+            assert Path(params["state_dir"]).is_relative_to("/var/lib/edgeloop")
+            assert "/var/lib/edgeloop" in [e.strip('"[]') for w, e in stages["cloud"].instructions if w == "VOLUME"]
+            mounts = dict(reversed(v.split(":")[:2]) for v in services["sim"]["volumes"])
+            assert mounts[str(Path(params["public_key"]).parent)] == "fleet-keys"
     for svc in services.values():
         test = svc.get("healthcheck", {}).get("test")
         if test is not None:
@@ -964,10 +970,10 @@ class Running:
             self.proc.wait()
 
 
-def test_compose_cloud_and_device_commands_run_as_processes(tmp_path: Path) -> None:
-    """The cloud and device services' commands, through the image's entrypoint, with the compose
-    environment — only the paths the volumes provide and the broker's address are mapped to this
-    machine. Both connect, and both stop on SIGTERM with exit 0 within stop_grace_period."""
+def test_compose_services_commands_run_as_processes(tmp_path: Path) -> None:
+    """The cloud, device and sim services' commands, through the image's entrypoint, with the
+    compose environment — only the paths the volumes provide and the broker's address are mapped to
+    this machine. All connect, and all stop on SIGTERM with exit 0 within stop_grace_period."""
     from helpers_cloudsdk import free_port, run_mosquitto, wait_until
 
     from runtime.config import dump_toml
@@ -1033,7 +1039,27 @@ def test_compose_cloud_and_device_commands_run_as_processes(tmp_path: Path) -> N
                 return hostname in broker.log_text()
 
             wait_until(connected, 30.0, f"device {hostname} to connect")
-            for svc in (device, cloud):
+
+            # sim: two simulated devices (SIM_DEVICES=2), the key from the shared volume
+            import yaml
+
+            raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["sim"]["command"]
+            sim_map = {
+                "mqtt://mosquitto:1883": broker_url,
+                "/etc/edgeloop/keys/fleet.pub": str(keys_dir / "fleet.pub"),
+                "/var/lib/edgeloop/sim": str(tmp_path / "sim-state"),
+            }
+            sim_cmd = [sim_map.get(a, a) for a in compose_interpolate(raw, {"SIM_DEVICES": "2"})]
+            sim = Running("sim", sim_cmd, base_env(), tmp_path)
+            started.append(sim)
+
+            def sim_connected() -> bool:
+                assert sim.alive(), f"sim exited {sim.proc.returncode}:\n{sim.output()}"
+                log = broker.log_text()
+                return "sim-0000" in log and "sim-0001" in log
+
+            wait_until(sim_connected, 60.0, "the simulated devices to connect")
+            for svc in (sim, device, cloud):
                 grace = seconds(services[svc.name]["stop_grace_period"])
                 rc, took = svc.stop(grace)
                 assert rc == 0, f"{svc.name} exited {rc} on SIGTERM after {took:.1f} s:\n{svc.output()}"
