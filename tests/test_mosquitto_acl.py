@@ -189,12 +189,14 @@ class Client:
         self.mqttc.loop_stop()
 
 
-def connect(broker: Broker, pki: Pki, cn: str, *, client_id: str | None = None) -> Client:
+def connect(broker: Broker, pki: Pki, cn: str, *, client_id: str | None = None, will: str | None = None) -> Client:
     cert, key = pki.client(cn)
     mqttc = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id or f"{cn}-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5
     )
     mqttc.tls_set(ca_certs=str(pki.ca_cert), certfile=str(cert), keyfile=str(key), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    if will is not None:
+        mqttc.will_set(will, b"offline", qos=1)
     c = Client(cn, mqttc)
 
     def on_connect(_c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: Properties | None) -> None:
@@ -374,3 +376,31 @@ def test_connection_without_a_fleet_certificate_is_refused(broker: Broker, tmp_p
     # A certificate from another CA, even with the cloud's CN: no CONNACK.
     rogue = Pki.create(tmp_path / "rogue")
     assert mqtt_connect_over_tls(broker, tls_context(pki, *rogue.client(CLOUD_CN))) == b""
+
+
+def drop(c: Client) -> None:
+    """Close the client's socket without DISCONNECT, as a power cut would."""
+    sock = c.mqttc.socket()
+    assert sock is not None
+    sock.close()
+
+
+def test_will_message_cannot_speak_for_another_device(broker: Broker, pki: Pki, fleet: str) -> None:
+    """The broker publishes a client's will for it; a will on another device's status is dropped."""
+    from helpers_cloudsdk import wait_until
+
+    cloud = connect(broker, pki, CLOUD_CN)
+    try:
+        assert not cloud.subscribe(f"edgeloop/{fleet}/#").is_failure
+        forged_id, own_id = f"forged-{uuid.uuid4().hex[:6]}", f"own-{uuid.uuid4().hex[:6]}"
+        forged = connect(broker, pki, "device-a", client_id=forged_id, will=topic(fleet, "device-b", "status"))
+        own = connect(broker, pki, "device-a", client_id=own_id, will=topic(fleet, "device-a", "status"))
+        for c in (forged, own):
+            c.mqttc.loop_stop()  # from here on the sockets are ours to break
+        drop(forged)  # an unclean drop: the broker sends the will
+        wait_until(lambda: f"Client {forged_id} closed its connection" in broker.log_text(), TIMEOUT, "the drop")
+        drop(own)
+        got = cloud.receive(topic(fleet, "device-a", "status"), b"offline")
+        assert [m.topic for m in got] == [topic(fleet, "device-a", "status")], "a forged will reached the cloud"
+    finally:
+        cloud.close()
