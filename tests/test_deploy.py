@@ -288,7 +288,9 @@ def test_unit_passes_systemd_analyze(installed: Path) -> None:
         pytest.skip("systemd-analyze not found (apt-get install systemd)")
     unit = installed / "etc/systemd/system/edgeloop.service"
     r = run([tool, "verify", unit])
-    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    # (other units of this machine may draw warnings of their own; none may concern ours)
+    ours = [line for line in r.stderr.splitlines() if "edgeloop" in line]
+    assert r.returncode == 0 and not ours, r.stderr
     # Overall exposure on systemd's 0-100 scale (printed as 0.0-10.0): at most 2.0 "OK".
     r = run([tool, "security", "--offline=true", "--threshold=20", unit])
     assert r.returncode == 0, r.stdout[-2000:]
