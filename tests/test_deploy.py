@@ -95,12 +95,6 @@ def seconds(value: str) -> float:
     return total
 
 
-def skip_or_fail(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"CI=true and {reason}")
-    pytest.skip(reason)
-
-
 def run(argv: Sequence[str | Path], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600, **kw)
 
