@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from itertools import chain
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 
@@ -655,11 +657,18 @@ def x_matrix(batch: ResultBatch) -> tuple[np.ndarray, np.ndarray] | None:
     width = next((len(r) for r in xs if r is not None), 0)
     if width == 0:
         return None
-    present = np.fromiter((r is not None for r in xs), dtype=bool, count=len(xs))
-    if present.all():
-        return np.array(xs, dtype=np.float64), present
+    n = len(xs)
+    missing_rows = xs.count(None)
+    if not missing_rows:
+        try:  # the common case, complete rows: packed in C, several times faster than np.array
+            buf = struct.pack(f"{n * width}d", *chain.from_iterable(cast(list[list[float]], xs)))
+            return np.frombuffer(buf, dtype=np.float64).reshape(n, width), np.ones(n, dtype=bool)
+        except (struct.error, TypeError):
+            pass  # a missing value (None) in some row
+    present = np.fromiter((r is not None for r in xs), dtype=bool, count=n)
     nan_row = [None] * width
-    return np.array([r if r is not None else nan_row for r in xs], dtype=np.float64), present
+    rows = [r if r is not None else nan_row for r in xs] if missing_rows else xs
+    return np.array(rows, dtype=np.float64), present
 
 
 def key_mask(ts: np.ndarray, device: str, seq: np.ndarray, key: RowKey) -> np.ndarray:

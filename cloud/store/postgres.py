@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import Any
@@ -208,6 +207,7 @@ class PostgresStore(Store):
             return None
         with self._tx() as conn:
             sql, args = self._rows_sql(conn, feats, window, None, None)
+            _prefer_ts_index(conn)
             row = conn.execute(
                 f"SELECT ts, device, seq FROM ({sql}) AS c ORDER BY ts DESC, device DESC, seq DESC LIMIT 1 OFFSET %s",
                 [*args, n - 1],
@@ -229,7 +229,7 @@ class PostgresStore(Store):
         if d > MAX_SQL_FEATURES:
             return super().sufficient_stats(feats, window, before=before, since=since)
         pairs = [(i, j) for i in range(d) for j in range(i, d)]
-        aggs = ["count(*)", "min(ts)", "max(ts)", "sum(y)", "sum(y * y)"]
+        aggs = ["count(*)", "0", "0", "sum(y)", "sum(y * y)"]  # (ts range from the index, below)
         aggs += [f"sum(g{i})" for i in range(d)]
         aggs += [f"sum(g{i} * y)" for i in range(d)]
         aggs += [f"sum(g{i} * g{j})" for i, j in pairs]
@@ -244,6 +244,12 @@ class PostgresStore(Store):
             row = conn.execute(
                 f"SELECT {', '.join(aggs)} FROM (SELECT {shifted}, y, ts FROM ({sql}) AS r) AS s", [*shift, *args]
             ).fetchone()
+            span = (0.0, 0.0)
+            if row[0]:
+                _prefer_ts_index(conn)  # after the full scan above: this transaction only walks the index now
+                first = conn.execute(f"SELECT ts FROM ({sql}) AS r ORDER BY ts LIMIT 1", args).fetchone()
+                last = conn.execute(f"SELECT ts FROM ({sql}) AS r ORDER BY ts DESC LIMIT 1", args).fetchone()
+                span = (float(first[0]), float(last[0]))
         n = int(row[0])
         if n == 0:
             return SuffStats.zeros(d)
@@ -257,8 +263,7 @@ class PostgresStore(Store):
         xtx[d, :d] = xtx[:d, d] = sx
         xtx[d, d] = n
         xty = np.array([*sxy, sy])
-        window_ = (float(row[1]), float(row[2]))
-        return SuffStats(xtx=xtx, xty=xty, yty=syy, n=n, window=window_, shift=np.array(shift))
+        return SuffStats(xtx=xtx, xty=xty, yty=syy, n=n, window=span, shift=np.array(shift))
 
     def labelled_rows(
         self,
@@ -275,13 +280,70 @@ class PostgresStore(Store):
         d = len(feats)
         with self._tx() as conn:
             sql, args = self._rows_sql(conn, feats, window, before, since)
+            if since is not None:
+                _prefer_ts_index(conn)
             cols = ", ".join([*(f"f{j}" for j in range(d)), "y", "ts"])
-            with conn.cursor(name=f"labelled_{uuid.uuid4().hex[:8]}", binary=True) as cur:
-                cur.itersize = chunk_rows
-                cur.execute(f"SELECT {cols} FROM ({sql}) AS r", args)
-                while rows := cur.fetchmany(chunk_rows):
-                    a = np.array(rows, dtype=np.float64).reshape(len(rows), d + 2)
+            # Binary COPY of non-null float8 columns is a fixed-size record per row, so numpy reads
+            # it directly: no Python object per value (about 10x faster than fetching tuples).
+            with (
+                conn.cursor() as cur,
+                cur.copy(f"COPY (SELECT {cols} FROM ({sql}) AS r) TO STDOUT (FORMAT BINARY)", args) as copy,
+            ):
+                for a in _binary_float_records(copy, d + 2, chunk_rows):
                     yield LabelledChunk(a[:, :d], a[:, d].copy(), a[:, d + 1].copy())
+
+
+def _prefer_ts_index(conn: Any) -> None:
+    """Walk the ts index for the newest rows even when the table has no planner statistics yet.
+
+    Right after a bulk load (before autovacuum's ANALYZE) the planner underestimates how many rows
+    are labelled and picks a full scan plus sort for "the newest n": 0.9 s instead of 0.1 s on 1M
+    rows. Only for this transaction (SET LOCAL)."""
+    conn.execute("SET LOCAL enable_seqscan = off")
+
+
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+
+
+def _binary_float_records(blocks: Iterable[Any], ncols: int, chunk_rows: int) -> Iterator[np.ndarray]:
+    """Parse ``COPY ... TO STDOUT (FORMAT BINARY)`` of ``ncols`` non-null float8 columns into
+    (m, ncols) float64 arrays of at most ``chunk_rows`` rows."""
+    record = np.dtype([("count", ">i2"), *((f"c{i}", [("len", ">i4"), ("v", ">f8")]) for i in range(ncols))])
+    size = record.itemsize
+    buf = bytearray()
+    header_done = False
+    for block in blocks:
+        buf += block
+        if not header_done:
+            if len(buf) < 19:
+                continue
+            if bytes(buf[:11]) != _COPY_SIGNATURE:
+                raise StoreError("unexpected COPY output (not binary format)")
+            ext = int.from_bytes(buf[15:19], "big")
+            if len(buf) < 19 + ext:
+                continue
+            del buf[: 19 + ext]
+            header_done = True
+        while len(buf) >= chunk_rows * size:
+            yield _records(buf, chunk_rows, record, ncols)
+    if not header_done or buf[-2:] != b"\xff\xff":
+        raise StoreError("truncated COPY output")
+    del buf[-2:]
+    if len(buf) % size:
+        raise StoreError("unexpected COPY record layout (a NULL or a non-float8 column)")
+    if buf:
+        yield _records(buf, len(buf) // size, record, ncols)
+
+
+def _records(buf: bytearray, m: int, record: np.dtype, ncols: int) -> np.ndarray:
+    recs = np.frombuffer(bytes(buf[: m * record.itemsize]), dtype=record)
+    del buf[: m * record.itemsize]
+    if (recs["count"] != ncols).any() or any((recs[f"c{i}"]["len"] != 8).any() for i in range(ncols)):
+        raise StoreError("unexpected COPY record layout (a NULL or a non-float8 column)")
+    out = np.empty((m, ncols))
+    for i in range(ncols):
+        out[:, i] = recs[f"c{i}"]["v"]
+    return out
 
 
 def _redact(url: str) -> str:

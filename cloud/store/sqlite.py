@@ -136,9 +136,8 @@ class SqliteStore(Store):
                 xs: Any = repeat(None)
                 if xm is not None:
                     X, present = xm
-                    w = X.shape[1] * 8
-                    buf = X[i0:i1].tobytes()
-                    xs = [buf[k * w : (k + 1) * w] for k in range(i1 - i0)]
+                    # one bytes object per row, cut in C: a view of each row as one opaque value
+                    xs = np.ascontiguousarray(X[i0:i1]).view(np.dtype((np.void, X.shape[1] * 8))).ravel().tolist()
                     if not present[i0:i1].all():
                         xs = [v if p else None for v, p in zip(xs, present[i0:i1].tolist(), strict=True)]
                     if ycol is not None:
