@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ _INGEST_SUFFIXES = ("results", "telemetry", "stats", "reported", "status", "cmd/
 class CloudService:
     def __init__(self, settings: CloudSettings, *, store: Store | None = None) -> None:
         self.settings = settings
+        if store is None and settings.store.startswith("sqlite:///"):
+            Path(settings.store[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         self.store = store if store is not None else open_store(settings.store)
         self.registry = Registry(
             self.store, settings.artifacts_dir, load_private_key(settings.signing_key), settings.artifact_base_url
