@@ -11,7 +11,7 @@ Schema version 1:
   (the feature-name set of its batch, ``feature_sets.id``; NULL when the batch named none).
   x is a BLOB of float64 (NaN for a missing value) on SQLite, ``double precision[]`` on PostgreSQL.
 - ``label_blocks`` — SQLite only: the labelled rows of each stored batch once more, columnar
-  (ts, seq, x, y as float64/int64 blobs), so training reads 1M rows in ~1000 fetches, not 1M.
+  (ts, x, y as float64 blobs; seq as int64 only when not consecutive), so training reads 1M rows in ~1000 fetches, not 1M.
 - ``feature_sets`` — distinct tuples of feature names (JSON).
 - ``telemetry``, ``stats``, ``reported`` — every message as received (JSON payload + key columns).
 - ``watermarks`` — per device and stream: the watermark and the stored ranges above it (JSON).
@@ -165,6 +165,7 @@ CREATE TABLE IF NOT EXISTS label_blocks (
     fset INTEGER,
     width INTEGER NOT NULL,
     n INTEGER NOT NULL,
+    seq_first INTEGER NOT NULL,
     ts_min REAL NOT NULL,
     ts_max REAL NOT NULL,
     ts BLOB NOT NULL,

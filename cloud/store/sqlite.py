@@ -162,8 +162,8 @@ class SqliteStore(Store):
         )
         if blocks:
             conn.executemany(
-                "INSERT INTO label_blocks (device, fset, width, n, ts_min, ts_max, ts, seq, x, y) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO label_blocks (device, fset, width, n, seq_first, ts_min, ts_max, ts, seq, x, y) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 blocks,
             )
         return total
@@ -194,11 +194,11 @@ class SqliteStore(Store):
             where.append("ts_min < ?")
             args.append(window.end)
         sql = (
-            "SELECT device, fset, width, n, ts, seq, x, y FROM label_blocks WHERE "
+            "SELECT device, fset, width, n, seq_first, ts, seq, x, y FROM label_blocks WHERE "
             + " AND ".join(where)
             + " ORDER BY id"
         )
-        for device, fset, width, n, tsb, seqb, xb, yb in conn.execute(sql, args):
+        for device, fset, width, n, seq0, tsb, seqb, xb, yb in conn.execute(sql, args):
             ts = np.frombuffer(tsb, dtype=np.float64)
             X = np.frombuffer(xb, dtype=np.float64).reshape(n, width)[:, idx_of[-1 if fset is None else fset]]
             keep = np.isfinite(X).all(axis=1)
@@ -206,7 +206,8 @@ class SqliteStore(Store):
                 keep &= ts >= window.start
             if window.end is not None:
                 keep &= ts < window.end
-            seq = np.frombuffer(seqb, dtype=np.int64)
+            # an empty seq blob means the rows are seq_first, seq_first + 1, ... (the usual case)
+            seq = np.frombuffer(seqb, dtype=np.int64) if seqb else np.arange(seq0, seq0 + n, dtype=np.int64)
             y = np.frombuffer(yb, dtype=np.float64)
             if not keep.all():
                 ts, seq, X, y = ts[keep], seq[keep], X[keep], y[keep]
@@ -324,18 +325,22 @@ def _block(
     lab = present & ~np.isnan(y)
     if not lab.any():
         return None
-    tsa = np.asarray(ts, dtype=np.float64)[lab]
-    seq = np.arange(first, first + len(y), dtype=np.int64)[lab]
-    Xl = np.ascontiguousarray(X[lab])
+    if lab.all():  # every row labelled: no copies, and the seqs need not be stored
+        tsa, seq, Xl, yl = np.asarray(ts, dtype=np.float64), b"", X, y
+    else:
+        tsa = np.asarray(ts, dtype=np.float64)[lab]
+        seq = np.arange(first, first + len(y), dtype=np.int64)[lab].tobytes()
+        Xl, yl = X[lab], y[lab]
     return (
         device,
         fset,
         X.shape[1],
         int(lab.sum()),
+        first,
         float(tsa.min()),
         float(tsa.max()),
         tsa.tobytes(),
-        seq.tobytes(),
-        Xl.tobytes(),
-        y[lab].tobytes(),
+        seq,
+        np.ascontiguousarray(Xl).tobytes(),
+        yl.tobytes(),
     )
