@@ -243,3 +243,33 @@ def test_stats_only_training_equals_raw_training(store: Store) -> None:
     held = train_from_stats(store, "stats-m", FEATS, stats_model="stats-m", holdout_fraction=0.3)
     assert (held.n_train, held.n_holdout) == (3000, 1000)
     assert held.holdout is not None and held.holdout.mae is None and held.holdout.rmse < 0.12
+
+
+def test_onnx_champion_needs_a_predictor(store: Store) -> None:
+    from runtime.protocol import ArtifactRef
+
+    X, y = data(1000, seed=10)
+    ingest_rows(store, f"d-{uuid.uuid4().hex[:6]}", X, y)
+    name = f"m{uuid.uuid4().hex[:6]}"
+    onnx = ModelManifest(
+        name=name,
+        version=1,
+        model_kind="onnx",
+        features=FEATS,
+        artifact=ArtifactRef(size=10, sha256="0" * 64),
+    )
+    store.add_model_version(onnx)
+    store.set_champion(name, 1)
+    res = train_from_store(store, name, FEATS, holdout_rows=100)
+    assert not res.decision.accept and "onnx" in res.decision.reason and res.champion is None
+
+    seen: list[int] = []
+
+    def predict(manifest: ModelManifest, Xc: np.ndarray) -> np.ndarray:  # a champion that predicts the mean
+        assert manifest.version == 1 and Xc.shape[1] == 2
+        seen.append(len(Xc))
+        return np.full(len(Xc), float(y.mean()))
+
+    res = train_from_store(store, name, FEATS, holdout_rows=100, champion_predict=predict, margin=0.5)
+    assert sum(seen) == 100 and res.champion is not None and res.champion.n == 100
+    assert res.decision.accept and res.decision.improvement is not None and res.decision.improvement > 0.9
