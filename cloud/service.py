@@ -128,7 +128,8 @@ class CloudService:
         delay = self.settings.ingest_delay
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.commit()

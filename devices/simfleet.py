@@ -170,7 +170,8 @@ class SimFleet:
             for d in self.devices:
                 await d.tick(t, step)
             try:
-                await asyncio.wait_for(self._stop.wait(), timeout=dt)
+                async with asyncio.timeout(dt):
+                    await self._stop.wait()
             except TimeoutError:
                 pass
 

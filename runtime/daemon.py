@@ -156,11 +156,11 @@ class Daemon:
             logger.warning("shutdown: %d rows stay in the outbox for the next start", left)
         else:
             logger.info("shutdown: outbox drained")
-        for t in self._tasks:
+        pending = [*self._tasks, *self._sends]
+        for t in pending:
             t.cancel()
-        for t in list(self._sends):
-            t.cancel()
-        await asyncio.gather(*self._tasks, *self._sends, return_exceptions=True)
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
         self._write_status()
         with contextlib.suppress(EdgeloopError):
             await self.uplink.stop()
@@ -286,35 +286,33 @@ class Daemon:
             desired = self._desired
             if desired is None:
                 continue
-            active, _ = self.store.pointers()
-            d = decide(desired, self.settings.device_id, active)
-            if d.action == "refuse":
-                from runtime.protocol import UpdateStatus
-
-                self.reconciler.status = UpdateStatus(
-                    state="failed",
-                    version=desired.model.version if desired.model else None,
-                    reason=d.reason,
-                    rollout_id=desired.rollout_id,
-                    at=time.time(),
-                )
-                logger.warning("desired state refused: %s", d.reason)
+            try:
+                await self._reconcile(desired)
+            except Exception:  # a bug in one update must not stop all future updates
+                logger.exception("model update crashed; the current model keeps serving")
                 self._mark_reported()
-                continue
-            if d.action != "apply":
-                if d.action == "noop" and desired.model is not None:
-                    self._mark_reported()
-                continue
+
+    async def _reconcile(self, desired: DesiredState) -> None:
+        active, _ = self.store.pointers()
+        d = decide(desired, self.settings.device_id, active)
+        if d.action == "refuse":
+            self.reconciler.refuse(desired, d.reason)
             self._mark_reported()
-            outcome = await self.reconciler.apply(
-                desired, self.pipeline.predictor, self.pipeline.recent_rows(), self.pipeline.schema
-            )
-            if outcome.ok and outcome.predictor is not None:
-                self.pipeline.flush()  # readings so far are predicted by the old model, exactly once
-                self.pipeline.swap(outcome.predictor)
-                m = outcome.predictor.manifest
-                logger.info("now serving %s v%s (%s)", m.name, m.version, outcome.predictor.backend)
-            self._mark_reported()
+            return
+        if d.action != "apply":
+            if d.action == "noop" and desired.model is not None:
+                self._mark_reported()
+            return
+        self._mark_reported()
+        outcome = await self.reconciler.apply(
+            desired, self.pipeline.predictor, self.pipeline.recent_rows(), self.pipeline.schema
+        )
+        if outcome.ok and outcome.predictor is not None:
+            self.pipeline.flush()  # readings so far are predicted by the old model, exactly once
+            self.pipeline.swap(outcome.predictor)
+            m = outcome.predictor.manifest
+            logger.info("now serving %s v%s (%s)", m.name, m.version, outcome.predictor.backend)
+        self._mark_reported()
 
     def _mark_reported(self) -> None:
         self._reported_dirty = True
@@ -390,7 +388,8 @@ class Daemon:
             if not sent_any:
                 self._data.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._data.wait(), timeout=min(1.0, resend_after))
+                    async with asyncio.timeout(min(1.0, resend_after)):
+                        await self._data.wait()
 
     def _payload(self, stream: str, claim: Any) -> bytes:
         if stream != "results":

@@ -208,7 +208,8 @@ class AsyncMqttClient:
         fut = self._loop.create_future()
         self._pending[info.mid] = fut
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         except TimeoutError:
             raise TransportError(f"no PUBACK for {topic} within {timeout:g} s") from None
         finally:

@@ -181,8 +181,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ micro-batch
 
-    def _gather(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        p = self.pending
+    def _gather(self, p: Pending) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         parts_t, parts_x, parts_y = [], [], []
         if p.rows:
             parts_t.append(np.asarray(p.ts, dtype=np.float64))
@@ -204,7 +203,7 @@ class Pipeline:
         self.pending = Pending()
         accepted = 0
         if p.n:
-            ts, X, y_true = self._gather()
+            ts, X, y_true = self._gather(p)
             ok = np.isfinite(X).all(axis=1)
             pred = self.predictor
             if pred is not None and self._impute is not None and not ok.all():

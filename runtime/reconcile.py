@@ -45,13 +45,13 @@ class UpdateState(StrEnum):
 S = UpdateState
 #: Every allowed move of the update lifecycle; anything else is a bug.
 TRANSITIONS: dict[UpdateState, frozenset[UpdateState]] = {
-    S.IDLE: frozenset({S.FETCHING, S.VERIFYING, S.ROLLED_BACK}),
+    S.IDLE: frozenset({S.FETCHING, S.VERIFYING, S.ROLLED_BACK, S.FAILED}),
     S.FETCHING: frozenset({S.VERIFYING, S.FAILED}),
     S.VERIFYING: frozenset({S.VALIDATING, S.FAILED}),
     S.VALIDATING: frozenset({S.APPLIED, S.ROLLED_BACK, S.FAILED}),
-    S.APPLIED: frozenset({S.FETCHING, S.VERIFYING, S.ROLLED_BACK}),
+    S.APPLIED: frozenset({S.FETCHING, S.VERIFYING, S.ROLLED_BACK, S.FAILED}),
     S.FAILED: frozenset({S.FETCHING, S.VERIFYING, S.ROLLED_BACK}),
-    S.ROLLED_BACK: frozenset({S.FETCHING, S.VERIFYING, S.ROLLED_BACK}),
+    S.ROLLED_BACK: frozenset({S.FETCHING, S.VERIFYING, S.ROLLED_BACK, S.FAILED}),
 }
 #: What reported state shows for each internal state.
 _REPORTED: dict[UpdateState, Literal["idle", "applying", "applied", "failed", "rolled_back"]] = {
@@ -142,7 +142,8 @@ def validate_candidate(
     else:
         probe = recent[:, cols]
     try:
-        y_new = candidate.predict(probe)
+        with np.errstate(all="ignore"):  # overflow is judged below, as non-finite output
+            y_new = candidate.predict(probe)
     except EdgeloopError as exc:
         raise UpdateError(f"candidate failed on recent inputs: {exc}", version) from None
     if y_new.shape != (probe.shape[0],):
@@ -153,7 +154,8 @@ def validate_candidate(
     if current is None or recent.shape[0] == 0:
         return
     try:
-        y_cur = current.predict(recent[:, columns_for(current.manifest.features, schema)])
+        with np.errstate(all="ignore"):
+            y_cur = current.predict(recent[:, columns_for(current.manifest.features, schema)])
     except EdgeloopError:
         return  # the current model cannot judge: finiteness was the check
     ok = np.isfinite(y_cur)
@@ -289,6 +291,11 @@ class Reconciler:
                 reason = getattr(exc, "reason", str(exc))
                 self._move(UpdateState.FAILED, m.version, str(reason), rid)
                 return Outcome(False, None, self.status)
+
+    def refuse(self, desired: DesiredState, reason: str) -> None:
+        """Record a desired state refused before any work (a downgrade without the rollback flag)."""
+        version = desired.model.version if desired.model else None
+        self._move(UpdateState.FAILED, version, reason, desired.rollout_id)
 
     async def rollback(self) -> Outcome:
         """Return to the previous (last-known-good) version without a download."""

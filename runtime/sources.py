@@ -145,7 +145,8 @@ class StdinSource(_LineSource):
             batch: list[bytes] = []
             while not self._stop.is_set():
                 try:
-                    line = await asyncio.wait_for(reader.readline(), timeout=0.05)
+                    async with asyncio.timeout(0.05):
+                        line = await reader.readline()
                 except TimeoutError:
                     if batch:
                         self._feed(batch, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,13 @@ _dot = np.dot
 _array = np.array
 _isfinite = np.isfinite
 _f64 = np.dtype(np.float64)
+
+# The hot path runs without np.errstate (it costs more than the dot product). An infinite input
+# or an overflow makes numpy warn from inside it before the full check names the bad value; the
+# full check runs right after, so that warning says nothing new.
+warnings.filterwarnings(
+    "ignore", message=r"(overflow|invalid value) encountered in dot", category=RuntimeWarning, module=__name__
+)
 
 
 class LinearPredictor(Predictor):
@@ -69,25 +77,28 @@ class LinearPredictor(Predictor):
         original = X
         if X.__class__ is not _ndarray or X.dtype != self._dtype or X.ndim != 2 or X.shape[1] != self._d:
             X = self.spec.coerce(X)
-        n = X.shape[0]
-        if n == 1 and self._zero_cols is None:
-            s = float(_dot(X[0], self.weights)) + self.intercept
-            if s - s == 0.0:  # finite (inf - inf and nan - nan are nan)
-                return _array((s,))
+        try:
+            if X.shape[0] == 1 and self._zero_cols is None:
+                s = float(_dot(X[0], self.weights)) + self.intercept
+                if s - s == 0.0:  # finite (inf - inf and nan - nan are nan)
+                    return _array((s,))
+                return self._slow(X, original)
+            y = _dot(X, self.weights)
+            if self._f32:
+                y = y.astype(_f64)
+            y += self.intercept
+        except RuntimeWarning:  # numpy's overflow/invalid warning, when warnings are errors
             return self._slow(X, original)
-        y = _dot(X, self.weights)
-        if self._f32:
-            y = y.astype(_f64)
-        y += self.intercept
         if not _isfinite(y).all() or (self._zero_cols is not None and not _isfinite(X[:, self._zero_cols]).all()):
             return self._slow(X, original)
         return y
 
     def _slow(self, X: np.ndarray, original: Any) -> np.ndarray:
-        """Some output is not finite: name or impute the bad input, or accept an overflow."""
-        fixed = self.spec.fix_nonfinite(X, original)
-        y = _dot(fixed, self.weights).astype(_f64)
-        y += self.intercept
+        """Some output is not finite: name or impute the bad input, or report an overflow."""
+        with np.errstate(all="ignore"):
+            fixed = self.spec.fix_nonfinite(X, original)
+            y = _dot(fixed, self.weights).astype(_f64)
+            y += self.intercept
         if not _isfinite(y).all():
             # finite inputs whose weighted sum overflows: report it rather than send inf upstream
             row = int(np.flatnonzero(~_isfinite(y))[0])
