@@ -143,13 +143,20 @@ class Ingester:
         self.pending_rows = 0
         now = time.time()
         watermarks: dict[str, dict[str, int]] = {}
+        f = self.fleet
         if results or telemetry or suffstats:
-            watermarks = self.store.ingest(results, telemetry, suffstats)
+            res = self.store.ingest(
+                [(f, b) for b in results], [(f, t) for t in telemetry], [(f, s) for s in suffstats], now=now
+            )
+            watermarks = res.watermarks
+            self.stats.rows += res.rows_stored
+            self.stats.duplicates += res.duplicates
+            for rej in res.rejected:
+                self._invalid(rej.device, rej.stream, rej.reason)
         for r in reported:
-            self.store.update_device_from_reported(r, now)
+            self.store.update_device_from_reported(r, fleet=f, now=now)
         for s in status:
-            self.store.update_device_from_status(s, now)
+            self.store.update_device_from_status(s, fleet=f, now=now)
         self.stats.commits += 1
         self.stats.batches += len(results)
-        self.stats.rows += sum(b.n for b in results)
         return [Ack(device=dev, watermarks=wm) for dev, wm in watermarks.items() if wm]  # type: ignore[arg-type]

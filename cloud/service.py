@@ -136,6 +136,9 @@ class CloudService:
             except EdgeloopError as exc:
                 logger.error("ingest commit failed (devices will resend): %s", exc)
                 await asyncio.sleep(1.0)
+            except Exception:  # a bug must not stop ingest: nothing unacknowledged is lost
+                logger.exception("ingest commit crashed (devices will resend)")
+                await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------------ desired state
 
@@ -149,6 +152,8 @@ class CloudService:
                 await self.controller.tick()
             except EdgeloopError as exc:
                 logger.error("rollout controller: %s", exc)
+            except Exception:
+                logger.exception("rollout controller crashed; retrying")
 
     # ------------------------------------------------------------------ training
 
@@ -168,6 +173,8 @@ class CloudService:
                 logger.info("training: %s", out.reason)
             except (CloudError, EdgeloopError) as exc:
                 logger.error("trainer: %s", exc)
+            except Exception:
+                logger.exception("trainer crashed; retrying")
 
 
 def _redact(url: str) -> str:

@@ -35,7 +35,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PAHO_2 = int(getattr(mqtt, "__version__", "1.6.1").split(".")[0]) >= 2
+import paho.mqtt as _paho
+
+PAHO_VERSION: str = getattr(_paho, "__version__", "1.6.1")
+PAHO_2 = hasattr(mqtt, "CallbackAPIVersion")
 _warned_manual_ack = False
 
 
@@ -76,7 +79,7 @@ def make_client(
         logger.warning(
             "paho-mqtt %s has no manual acknowledgement: readings from the local topic are at-most-once "
             "(install paho-mqtt>=2 for at-least-once)",
-            getattr(mqtt, "__version__", "?"),
+            PAHO_VERSION,
         )
     client = mqtt.Client(**kwargs)
     client.max_inflight_messages_set(max_inflight)
