@@ -482,3 +482,29 @@ def test_stream_state_stores_each_seq_once(spans: list[tuple[int, int]], floors:
     assert state.watermark == w
     assert all(state.stored(s) for s in stored)
     assert {s for s in range(given_up + 1, 80) if state.stored(s)} == {s for s in stored if s > given_up}
+
+
+def test_many_features_statistics(store: Store) -> None:
+    # beyond MAX_SQL_FEATURES PostgreSQL sums in numpy over COPY chunks instead of SQL aggregates
+    d = dev()
+    names = tuple(f"f{i}" for i in range(45))
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(300, 45)) + 100.0
+    y = X @ rng.normal(size=45) + rng.normal(0, 0.01, 300)
+    b = ResultBatch(
+        device=d,
+        seq_first=0,
+        seq_last=299,
+        ts=[float(i) for i in range(300)],
+        model_version=[1] * 300,
+        y_pred=[0.0] * 300,
+        x=X.tolist(),
+        features=names,
+        y_true=y.tolist(),
+    )
+    store.ingest([b])
+    got = store.sufficient_stats(names[::-1])
+    ref = SuffStats.from_rows(X[:, ::-1], y).reshifted(got.shift)
+    assert got.n == 300
+    np.testing.assert_allclose(got.xtx, ref.xtx, rtol=1e-10, atol=1e-6)
+    np.testing.assert_allclose(got.xty, ref.xty, rtol=1e-10, atol=1e-6)
