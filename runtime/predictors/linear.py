@@ -87,9 +87,12 @@ class LinearPredictor(Predictor):
             if self._f32:
                 y = y.astype(_f64)
             y += self.intercept
+            # y·y is NaN or inf when any output is: one BLAS call instead of a finiteness pass.
+            # (It also overflows for outputs beyond ~1e154; the full check then finds them finite.)
+            ss = float(_dot(y, y))
         except RuntimeWarning:  # numpy's overflow/invalid warning, when warnings are errors
             return self._slow(X, original)
-        if not _isfinite(y).all() or (self._zero_cols is not None and not _isfinite(X[:, self._zero_cols]).all()):
+        if ss - ss != 0.0 or (self._zero_cols is not None and not _isfinite(X[:, self._zero_cols]).all()):
             return self._slow(X, original)
         return y
 
