@@ -98,7 +98,6 @@ class Daemon:
         self._stats_window_start = time.time()
         self._flush_waiters: list[asyncio.Future[None]] = []
         self.started = time.time()
-        self._tele_seq = 0
 
     # ------------------------------------------------------------------ start-up
 
@@ -393,7 +392,10 @@ class Daemon:
 
     def _payload(self, stream: str, claim: Any) -> bytes:
         if stream != "results":
-            return bytes(claim.payload)
+            # The message's sequence number and floor are the outbox's, known only now.
+            msg = json.loads(claim.payload)
+            msg["seq"], msg["floor"] = claim.seq_first, min(claim.floor, claim.seq_first - 1)
+            return json.dumps(msg, separators=(",", ":")).encode()
         return ResultBatch(
             device=self.settings.device_id,
             model=self.pipeline.predictor.manifest.name if self.pipeline.predictor else None,
@@ -426,10 +428,8 @@ class Daemon:
         p = self.pipeline
         c = p.counters
         ref = p.predictor.manifest.feature_stats if p.predictor else None
-        self._tele_seq += 1
         return Telemetry(
             device=self.settings.device_id,
-            seq=self._tele_seq,
             ts=time.time(),
             uptime_s=time.monotonic() - c.started_mono,
             model_version=p.model_version or None,

@@ -286,7 +286,9 @@ class FeatureDrift(BaseModel):
 class Telemetry(Wire):
     kind: ClassVar[str] = "Telemetry"
     device: Identifier
+    #: The outbox sequence number of this message and, as in ResultBatch, the floor below it.
     seq: SeqNo = 0
+    floor: int = Field(default=-1, ge=-1, lt=2**63)
     ts: float
     uptime_s: float = Field(ge=0)
     model_version: int | None = None
@@ -316,6 +318,7 @@ class SufficientStats(Wire):
     kind: ClassVar[str] = "SufficientStats"
     device: Identifier
     seq: SeqNo = 0
+    floor: int = Field(default=-1, ge=-1, lt=2**63)
     model: Identifier | None = None
     features: tuple[FeatureName, ...] = Field(min_length=1, max_length=MAX_FEATURES)
     window_start: float
