@@ -43,17 +43,19 @@ class Chunk:
     first_row: int  # index of the chunk's first data row in the whole input (0-based)
 
 
-def _parse_number(v: Any, row: int, column: str, line: int) -> float:
+def _csv_number(v: str, row: int, column: str, line: int) -> float:
+    t = v.strip()
+    if t.lower() in _MISSING:
+        return math.nan
+    try:
+        return float(t)
+    except ValueError:
+        raise InputError(f"{v[:80]!r} is not a number (input line {line})", row=row, column=column) from None
+
+
+def _json_number(v: Any, row: int, column: str, line: int) -> float:
     if v is None:
         return math.nan
-    if isinstance(v, str):
-        t = v.strip()
-        if t.lower() in _MISSING:
-            return math.nan
-        try:
-            return float(t)
-        except ValueError:
-            raise InputError(f"{v[:80]!r} is not a number (input line {line})", row=row, column=column) from None
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise InputError(f"{json.dumps(v)[:80]} is not a number (input line {line})", row=row, column=column)
     try:
@@ -109,9 +111,10 @@ class TableReader:
             if not batch:
                 return
             X = np.empty((len(batch), len(self.features)), dtype=np.float64)
+            parse = _csv_number if self.fmt == "csv" else _json_number
             for i, (line, _, values) in enumerate(batch):
                 for j, (name, v) in enumerate(zip(self.features, values, strict=True)):
-                    X[i, j] = _parse_number(v, row + i, name, line)
+                    X[i, j] = parse(v, row + i, name, line)
             yield Chunk(X, [rec for _, rec, _ in batch], [line for line, _, _ in batch], row)
             row += len(batch)
 
