@@ -165,10 +165,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmpdir:
         models = build_models(Path(tmpdir))
-        est, _X = models["sklearn"], models["X"]
+        est = models["sklearn"]
         rng = np.random.default_rng(1)
         results: dict[str, Any] = {"single_us": {}, "batch_rows_per_s": {}, "backend": {}}
         with threadpool_limits(limits=1):
+            blas = [
+                {k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                for i in threadpool_info()
+            ]
             for dt in ("float32", "float64"):
                 path, data = models["bundles"][dt]
                 p = load_bundle(path, models["pub"])
@@ -231,9 +235,6 @@ def main() -> None:
     }
     met = {k: (ratios[k] <= t if op == "<=" else ratios[k] >= t) for k, (op, t) in TARGETS.items()}
 
-    blas = [
-        {k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} for i in threadpool_info()
-    ]
     print(
         f"edgeloop inference benchmark: {D} features, python {sys.version.split()[0]}, numpy {np.__version__}, "
         f"onnxruntime {ort.__version__}, BLAS and onnxruntime limited to 1 thread"
