@@ -382,3 +382,19 @@ _CORPUS = [
     ),
     graph([helper.make_node("LinearRegressor", ["X"], ["Y"], domain="ai.onnx.ml", coefficients=[1.0] * D)], {}),
 ]
+
+
+def test_tensor_shape_that_does_not_match_its_data_is_refused():
+    for dims in ([2**40, 2**40], [3, 2]):
+        t = helper.make_tensor("W", TensorProto.FLOAT, [1, 1], [1.0], raw=False)
+        del t.dims[:]
+        t.dims.extend(dims)
+        g = helper.make_graph(
+            [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+            "g",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, D])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 1])],
+            [t],
+        )
+        with pytest.raises(ArtifactError, match="initializer 'W'"):
+            inspect_onnx(helper.make_model(g).SerializeToString(), D)

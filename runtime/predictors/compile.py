@@ -16,6 +16,7 @@ function of the input, ``X @ W + c`` (W: [d, m], folded in float64). Understood:
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -67,6 +68,7 @@ _ELEM_NAMES = {
 }
 _FLOAT_ELEMS: dict[int, Literal["float32", "float64"]] = {1: "float32", 11: "float64"}
 _ML = "ai.onnx.ml"
+_MAX_TENSOR_VALUES = 1 << 31
 _OPS = frozenset(
     {"Constant", "Identity", "Dropout", "Cast", "Flatten", "Reshape", "Squeeze", "Unsqueeze"}
     | {"MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Neg"}
@@ -324,7 +326,9 @@ def _tensor(buf: memoryview) -> np.ndarray:
     dims = _ints(f, 1)
     if any(d < 0 for d in dims):
         raise _Malformed("negative tensor dimension")
-    size = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    size = math.prod(dims)  # Python ints: a crafted shape cannot overflow into a small size
+    if size > _MAX_TENSOR_VALUES:
+        raise _Malformed(f"tensor of shape {dims[:8]} is too large")
     dtype_code = _int(f, 2, 0) or 0
     dt = _TENSOR_DTYPES.get(dtype_code)
     if dt is None:
@@ -757,6 +761,8 @@ def compile_linear(model: OnnxModel, n_features: int) -> CompiledLinear:
         return _Compiler(model, n_features).run()
     except _Malformed as exc:
         raise ArtifactError(f"not a valid ONNX model ({exc})") from None
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:  # shapes or values no valid model has
+        raise ArtifactError(f"not a valid ONNX model ({type(exc).__name__}: {exc})") from None
 
 
 # --------------------------------------------------------------------------- inspection
