@@ -162,15 +162,11 @@ class CloudService:
             await asyncio.sleep(1.0)
             now = time.time()
             try:
-                why = self.trainer.should_train(now)
-                if why is None:
-                    continue
                 if any(r.model == self.settings.retrain.model for r in self.store.active_rollouts()):
                     continue  # let the running rollout finish first
-                logger.info("retraining %s: %s", self.settings.retrain.model, why)
-                self._emit("trigger", f"retraining: {why}")
-                out = await asyncio.to_thread(self.trainer.run, now=now)
-                logger.info("training: %s", out.reason)
+                out = await asyncio.to_thread(self.trainer.poll, now)
+                if out is not None:
+                    logger.info("training: %s", out.reason)
             except (CloudError, EdgeloopError) as exc:
                 logger.error("trainer: %s", exc)
             except Exception:

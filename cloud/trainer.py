@@ -46,8 +46,36 @@ class Trainer:
         self.history: list[TrainOutcome] = []
         self._last = 0.0
         self._rows_at_last = 0
+        self._armed: tuple[float, str] | None = None
 
-    def run(self, *, force_register: bool = False, now: float | None = None) -> TrainOutcome:
+    def poll(self, now: float) -> TrainOutcome | None:
+        """Run the trainer when a trigger says so.
+
+        A trigger that says the world changed (live error, drift) arms the trainer instead of
+        training at once: it then collects ``window`` seconds of fresh labelled rows and trains on
+        rows since the trigger only, so the new model never learns from the old world."""
+        rt = self.settings
+        if self._armed is not None:
+            since, why = self._armed
+            if now - since < (rt.window or rt.cooldown):
+                return None
+            self._armed = None
+            self.emit("train", f"training on rows since the trigger ({now - since:.0f} s of fresh data): {why}")
+            return self.run(now=now, window=Window(start=since))
+        why = self.should_train(now)
+        if why is None:
+            return None
+        self.emit("trigger", f"retraining: {why}")
+        logger.info("retraining %s: %s", rt.model, why)
+        if why.startswith(("fleet live MAE", "drift score")):
+            self._armed = (now, why)
+            self._last = now
+            return None
+        return self.run(now=now)
+
+    def run(
+        self, *, force_register: bool = False, now: float | None = None, window: Window | None = None
+    ) -> TrainOutcome:
         """Train now; register the candidate when it beats the champion by the margin (or when forced)."""
         rt = self.settings
         now = time.time() if now is None else now
@@ -55,7 +83,8 @@ class Trainer:
         if not rt.features:
             return TrainOutcome(None, None, "no features configured for retraining (retrain.features)")
         self._rows_at_last = self.store.count_labelled(rt.features)
-        window = Window.last(rt.window, now) if rt.window else None
+        if window is None:
+            window = Window.last(rt.window, now) if rt.window else None
         try:
             if rt.source == "stats":
                 res = train_from_stats(self.store, rt.model, rt.features, window, ridge=rt.ridge, margin=rt.margin)

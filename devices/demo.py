@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,8 +79,11 @@ async def run_demo(opts: DemoOptions, progress: Callable[[dict[str, Any]], None]
 
     out = opts.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("cloud.db", "cloud.db-wal", "cloud.db-shm"):
+    # Each run starts from scratch: a fresh store, fresh devices (their state dirs), fresh artifacts.
+    for stale in ("cloud.db", "cloud.db-wal", "cloud.db-shm", "summary.json", "fleet_mae.png", "events.log"):
         (out / stale).unlink(missing_ok=True)
+    for folder in ("devices", "artifacts"):
+        shutil.rmtree(out / folder, ignore_errors=True)
     keys = out / "keys"
     if not (keys / "fleet.key").exists():
         generate_keypair(keys)
