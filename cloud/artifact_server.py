@@ -26,7 +26,7 @@ class _Handler(SimpleHTTPRequestHandler):
         self.path = self.path[len("/artifacts") :]
         super().do_GET()
 
-    def list_directory(self, path: Any) -> None:  # type: ignore[override]
+    def list_directory(self, path: Any) -> None:
         self.send_error(404)
         return None
 

@@ -157,7 +157,9 @@ Publisher = Callable[[str, DesiredState], Awaitable[None]]
 class RolloutController:
     """Moves every active rollout one step per tick and publishes the desired states it decides."""
 
-    def __init__(self, store: Store, fleet: str, publish: Publisher, *, offline_after: float = 60.0, seed: int | None = None) -> None:
+    def __init__(
+        self, store: Store, fleet: str, publish: Publisher, *, offline_after: float = 60.0, seed: int | None = None
+    ) -> None:
         self.store = store
         self.fleet = fleet
         self.publish = publish

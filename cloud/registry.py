@@ -41,7 +41,9 @@ class Registry:
     def _register(self, manifest: ModelManifest, artifact: bytes | None, status: str) -> ModelManifest:
         signed = sign_manifest(manifest, self.key)
         write_bundle(self.bundle_dir(signed.name, signed.version), signed, artifact)
-        self.store.add_model_version(signed.model_dump_json(by_alias=True), status=status, source=signed.training.source)
+        self.store.add_model_version(
+            signed.model_dump_json(by_alias=True), status=status, source=signed.training.source
+        )
         logger.info("registered %s v%d (%s)", signed.name, signed.version, signed.model_kind)
         return signed
 
@@ -62,7 +64,7 @@ class Registry:
         m = ModelManifest(
             name=name,
             version=version or self._next_version(name),
-            kind="linear",
+            model_kind="linear",
             features=tuple(features),
             target=target,
             created_at=time.time(),
@@ -98,7 +100,7 @@ class Registry:
         m = ModelManifest(
             name=name,
             version=version,
-            kind="onnx",
+            model_kind="onnx",
             features=tuple(features),
             dtype=info.dtype,
             target=target,

@@ -161,9 +161,7 @@ def choose_canaries(devices: list[DeviceView], fraction: float, rng: random.Rand
     return tuple((online + offline)[:k])
 
 
-def start(
-    r: Rollout, now: float, targets: list[DeviceView], rng: random.Random
-) -> tuple[Rollout, list[SetDesired]]:
+def start(r: Rollout, now: float, targets: list[DeviceView], rng: random.Random) -> tuple[Rollout, list[SetDesired]]:
     """Begin a pending rollout on ``targets``: record who ran what, tell the canaries.
 
     A rollback rollout (``fleet rollback``) skips the canary stage: every target is told at once."""
@@ -196,7 +194,9 @@ def _mae(views: list[DeviceView], version: int | None, min_n: int) -> tuple[floa
 
 
 def _failed(views: list[DeviceView], r: Rollout) -> list[DeviceView]:
-    return [v for v in views if v.update_state == "failed" and v.update_version == r.version and v.update_rollout == r.id]
+    return [
+        v for v in views if v.update_state == "failed" and v.update_version == r.version and v.update_rollout == r.id
+    ]
 
 
 def step(
@@ -222,7 +222,9 @@ def step(
             return r.move(R.BAKING, now, f"{len(canaries)} canary device(s) run v{r.version}; baking {p.bake:g} s"), []
         if elapsed > p.report_timeout:
             missing = [v.id for v in canaries if v.active_version != r.version]
-            return _roll_back(r, now, f"canaries {missing[:5]} did not report v{r.version} within {p.report_timeout:g} s")
+            return _roll_back(
+                r, now, f"canaries {missing[:5]} did not report v{r.version} within {p.report_timeout:g} s"
+            )
         return r, []
 
     if r.state == R.BAKING:
@@ -255,7 +257,6 @@ def step(
         r2 = r.move(R.PROMOTING, now, f"{msg}: promoting to {len(rest)} more device(s)", **metrics)
         return r2, [SetDesired(rest, r.version)] if rest else []
 
-
     if r.state == R.PROMOTING:
         targets = [fleet.get(d, DeviceView(d)) for d in r.devices]
         done = [v for v in targets if v.active_version == r.version]
@@ -263,9 +264,9 @@ def step(
         if len(done) == len(targets):
             return r.move(R.COMPLETED, now, f"all {len(targets)} device(s) run v{r.version}"), []
         if not online_missing and elapsed > p.report_timeout:
-            offline = len(targets) - len(done)
+            n_offline = len(targets) - len(done)
             return r.move(
-                R.COMPLETED, now, f"{len(done)} device(s) run v{r.version}; {offline} offline converge on reconnect"
+                R.COMPLETED, now, f"{len(done)} device(s) run v{r.version}; {n_offline} offline converge on reconnect"
             ), []
         if elapsed > p.promote_timeout:
             return r.move(R.COMPLETED, now, f"{len(done)}/{len(targets)} reported v{r.version} within the timeout"), []

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cloud.artifact_server import ArtifactServer
@@ -57,6 +57,8 @@ class CloudService:
         self.listeners: list[Callable[[str, str], None]] = []
         self.trainer = Trainer(self.store, self.registry, settings.retrain, settings.fleet, emit=self._emit)
         self.acks_sent = 0
+        self._commit_lock = asyncio.Lock()
+        self._writing: asyncio.Future[list[Any]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -83,6 +85,7 @@ class CloudService:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._write_done()
         with contextlib.suppress(EdgeloopError):
             await asyncio.to_thread(self._commit_sync)
         await self.client.stop()
@@ -113,11 +116,26 @@ class CloudService:
     def _commit_sync(self) -> list[Any]:
         return self.ingester.commit()
 
+    async def _write_done(self) -> None:
+        """Wait for a store write a cancelled commit left running (writes must not overlap)."""
+        w = self._writing
+        if w is not None and not w.done():
+            await asyncio.wait([w])
+        if w is not None and w.done() and not w.cancelled():
+            w.exception()  # retrieved: its commit() already reported it, or was cancelled
+
     async def commit(self) -> int:
-        """Store what is pending (one transaction) and publish the acks; return acks sent."""
-        if not self.ingester.pending:
-            return 0
-        acks = self.ingester.commit()
+        """Store what is pending (one transaction) and publish the acks; return acks sent.
+
+        The store write runs in a worker thread, so the event loop goes on reading and decoding
+        the next messages meanwhile (SQLite and psycopg release the GIL while they work).
+        """
+        async with self._commit_lock:
+            await self._write_done()
+            if not self.ingester.pending:
+                return 0
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self.ingester.write, self.ingester.take()))
+            acks = await asyncio.shield(self._writing)
         sends = [self.client.publish(topic(self.settings.fleet, a.device, "ack"), a.to_bytes(), qos=1) for a in acks]
         results = await asyncio.gather(*sends, return_exceptions=True)
         ok = sum(1 for r in results if not isinstance(r, BaseException))

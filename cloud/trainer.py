@@ -56,11 +56,11 @@ class Trainer:
         rows since the trigger only, so the new model never learns from the old world."""
         rt = self.settings
         if self._armed is not None:
-            since, why = self._armed
+            since, armed_why = self._armed
             if now - since < (rt.window or rt.cooldown):
                 return None
             self._armed = None
-            self.emit("train", f"training on rows since the trigger ({now - since:.0f} s of fresh data): {why}")
+            self.emit("train", f"training on rows since the trigger ({now - since:.0f} s of fresh data): {armed_why}")
             return self.run(now=now, window=Window(start=since))
         why = self.should_train(now)
         if why is None:

@@ -119,7 +119,7 @@ async def run_demo(opts: DemoOptions, progress: Callable[[dict[str, Any]], None]
     echo = None if not opts.headless else print
     story = Story(time.time(), echo)
     cloud = CloudService(settings)
-    cloud.listeners.append(lambda kind, msg: story.log(msg, "trigger" if kind == "trigger" else None, "retrain"))
+    cloud.listeners.append(lambda kind, msg: story.log(msg, "trigger" if kind == "trigger" else None, "drift detected"))
     spec = FleetSpec(
         devices=opts.devices,
         fleet=fleet_name,
@@ -139,13 +139,18 @@ async def run_demo(opts: DemoOptions, progress: Callable[[dict[str, Any]], None]
     story.t0 = time.time()
     fleet_t0 = story.t0
     state: dict[str, Any] = {"v1": None, "v2": None, "bad": None, "rollouts": {}}
-    cloud.controller.on_event = lambda r, m: story.log(
-        f"rollout {r.id} ({r.model} v{r.version}): {m}",
-        {"canary": "deploy", "promoting": "promote", "rolling_back": "rollback", "completed": "promote"}.get(
-            m.split(":", 1)[0]
-        ),
-        f"v{r.version} {m.split(':', 1)[0]}",
-    )
+    marks = {
+        "canary": ("deploy", "canary"),
+        "completed": ("promote", "promoted"),
+        "rolling_back": ("rollback", "rolled back"),
+    }
+
+    def on_rollout(r: Any, m: str) -> None:
+        stage = m.split(":", 1)[0]
+        kind, word = marks.get(stage, (None, ""))
+        story.log(f"rollout {r.id} ({r.model} v{r.version}): {m}", kind, f"v{r.version} {word}")
+
+    cloud.controller.on_event = on_rollout
     drift_logged = False
     try:
         while time.time() - story.t0 < D:
@@ -182,7 +187,9 @@ async def run_demo(opts: DemoOptions, progress: Callable[[dict[str, Any]], None]
                     "all",
                     RolloutParams(canary=0.2, bake=settings.retrain.bake, max_mae_ratio=1.1),
                 )
-                story.log(f"operator deploys v{m.version}, trained on corrupted labels", "deploy", f"v{m.version} (bad)")
+                story.log(
+                    f"operator deploys v{m.version}, trained on corrupted labels", "deploy", f"v{m.version} (bad)"
+                )
             if progress is not None:
                 progress(snapshot(cloud, fleet, story))
         story.log("time is up: stopping the fleet (each device drains its outbox)")
@@ -212,7 +219,8 @@ def snapshot(cloud: Any, fleet: SimFleet, story: Story) -> dict[str, Any]:
             }
         )
     rollouts = [
-        {"id": r.id, "version": r.version, "state": r.state, "reason": r.reason} for r in cloud.store.list_rollouts(limit=5)
+        {"id": r.id, "version": r.version, "state": r.state, "reason": r.reason}
+        for r in cloud.store.list_rollouts(limit=5)
     ]
     return {"t": time.time() - story.t0, "devices": devices, "rollouts": rollouts, "events": story.events[-8:]}
 
@@ -313,13 +321,20 @@ def chart(rows: list[Any], story: Story, path: Path, bucket: float = 3.0) -> Non
                 ys.append(float(np.mean(sel)))
         ax.plot(xs, ys, color="#1f4e79", lw=2, label="fleet MAE (labelled readings, 3 s buckets)")
         ax.set_yscale("log")
-    colors = {"deploy": "#2e7d32", "promote": "#1565c0", "rollback": "#c62828", "drift": "#ef6c00", "trigger": "#6a1b9a"}
+    colors = {
+        "deploy": "#2e7d32",
+        "promote": "#1565c0",
+        "rollback": "#c62828",
+        "drift": "#ef6c00",
+        "trigger": "#6a1b9a",
+    }
     seen: set[str] = set()
-    ymax = ax.get_ylim()[1]
-    for t, kind, label in story.marks:
+    hi = ax.get_ylim()[1]
+    for i, (t, kind, label) in enumerate(story.marks):
         ax.axvline(t, color=colors.get(kind, "grey"), ls="--", lw=1.2, label=kind if kind not in seen else None)
         seen.add(kind)
-        ax.text(t, ymax, f" {label}", rotation=90, va="top", ha="left", fontsize=7, color=colors.get(kind, "grey"))
+        y = hi / (1.6 ** (i % 3))  # stagger labels so neighbours do not overlap
+        ax.text(t, y, f" {label}", rotation=90, va="top", ha="left", fontsize=8, color=colors.get(kind, "grey"))
     ax.set_xlabel("seconds since the fleet started")
     ax.set_ylabel("mean absolute error")
     ax.set_title("edgeloop demo: drift → retrain → canary → promote; bad model → automatic rollback")

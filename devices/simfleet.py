@@ -52,7 +52,13 @@ class FleetSpec:
 
 class SimDevice:
     def __init__(
-        self, device_id: str, state_dir: Path, public_key: Path, spec: FleetSpec, scenario: Scenario, seed: int,
+        self,
+        device_id: str,
+        state_dir: Path,
+        public_key: Path,
+        spec: FleetSpec,
+        scenario: Scenario,
+        seed: int,
         group: str | None = None,
     ) -> None:
         self.id = device_id
@@ -133,7 +139,12 @@ class SimFleet:
     """N simulated devices on one event loop, ticking together."""
 
     def __init__(
-        self, root: Path, public_key: Path, spec: FleetSpec, scenario: Scenario, *,
+        self,
+        root: Path,
+        public_key: Path,
+        spec: FleetSpec,
+        scenario: Scenario,
+        *,
         scenario_devices: Sequence[int] | None = None,
     ) -> None:
         self.root = Path(root)

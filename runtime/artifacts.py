@@ -214,7 +214,9 @@ def verify_bundle(path: Path, public_key: Ed25519PublicKey, max_artifact_bytes: 
             raise SignatureError(f"artifact is {size} bytes, manifest says {art.size}", str(apath))
         digest, _ = sha256_file(apath)
         if digest != art.sha256:
-            raise SignatureError(f"artifact sha256 {digest[:12]}… does not match the manifest's {art.sha256[:12]}…", str(apath))
+            raise SignatureError(
+                f"artifact sha256 {digest[:12]}… does not match the manifest's {art.sha256[:12]}…", str(apath)
+            )
     return bundle
 
 

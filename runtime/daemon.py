@@ -495,7 +495,6 @@ class Daemon:
             self.flush_stats()
 
     def _write_status(self) -> None:
-        active, previous = self.store.pointers()
         data = {
             "pid": os.getpid(),
             "ts": time.time(),

@@ -57,7 +57,10 @@ def download(
     if expected_size > max_bytes:
         raise UpdateError(f"artifact of {expected_size} bytes exceeds the cap of {max_bytes}")
     ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-    handlers: list[urllib.request.BaseHandler] = [_LimitedRedirects(allowed_schemes), urllib.request.HTTPSHandler(context=ctx)]
+    handlers: list[urllib.request.BaseHandler] = [
+        _LimitedRedirects(allowed_schemes),
+        urllib.request.HTTPSHandler(context=ctx),
+    ]
     opener = urllib.request.build_opener(*handlers)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix="download.", suffix=".part")
     h = hashlib.sha256()

@@ -159,7 +159,7 @@ class AsyncMqttClient:
         """Register a subscription; it is (re)made on every connect."""
         self.subscriptions[topic] = qos
         if self.connected:
-            rc, mid = self._paho.subscribe(topic, qos)
+            rc, _ = self._paho.subscribe(topic, qos)
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 logger.warning("%s: subscribe %s failed: %s", self.client_id, topic, mqtt.error_string(rc))
 
@@ -195,7 +195,9 @@ class AsyncMqttClient:
         self._connected.clear()
         self._disconnected.set()
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30.0) -> None:
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30.0
+    ) -> None:
         """Publish; for QoS 1 return when the broker acknowledged (TransportError on refusal or loss)."""
         if not self.connected:
             raise TransportError(f"not connected to {self.url}")
@@ -263,7 +265,7 @@ class AsyncMqttClient:
                 rc, mid = self._paho.subscribe([(t, SubscribeOptions(qos=q)) for t, q in subs])
             else:
                 rc, mid = self._paho.subscribe(subs)
-            if rc != mqtt.MQTT_ERR_SUCCESS:
+            if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
                 raise TransportError(f"subscribe failed: {mqtt.error_string(rc)}")
             fut = self._loop.create_future()  # type: ignore[union-attr]
             self._sub_pending[mid] = fut
@@ -322,10 +324,13 @@ class AsyncMqttClient:
         p = getattr(msg, "properties", None)
         if p is not None and getattr(p, "UserProperty", None):
             props = {str(k): str(v) for k, v in p.UserProperty}
-        ack = None
+        ack: Callable[[], None] | None = None
         if self.manual_ack and msg.qos > 0:
             mid, qos = msg.mid, msg.qos
-            ack = lambda: self._paho.ack(mid, qos)  # noqa: E731
+
+            def ack() -> None:
+                self._paho.ack(mid, qos)
+
         m = MqttMessage(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), props, msg.mid, ack)
         try:
             self.on_message(m)

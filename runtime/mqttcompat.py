@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt as _paho
 import paho.mqtt.client as mqtt
 
 from runtime.errors import TransportError
@@ -34,8 +35,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-import paho.mqtt as _paho
 
 PAHO_VERSION: str = getattr(_paho, "__version__", "1.6.1")
 PAHO_2 = hasattr(mqtt, "CallbackAPIVersion")
@@ -71,7 +70,7 @@ def make_client(
     if proto == mqtt.MQTTv311:
         kwargs["clean_session"] = clean_start
     if PAHO_2:
-        kwargs["callback_api_version"] = mqtt.CallbackAPIVersion.VERSION2  # type: ignore[attr-defined]
+        kwargs["callback_api_version"] = mqtt.CallbackAPIVersion.VERSION2
         if manual_ack:
             kwargs["manual_ack"] = True
     elif manual_ack and not _warned_manual_ack:
@@ -133,41 +132,51 @@ class Callbacks:
 
 
 def bind(client: mqtt.Client, cb: Callbacks) -> None:
-    if PAHO_2:
+    """Install ``cb`` on ``client`` with the callback signatures of the installed paho."""
+    (_bind_v2 if PAHO_2 else _bind_v1)(client, cb)
+    client.on_message = lambda c, ud, msg: cb.on_message(msg)
 
-        def on_connect(c: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
-            failed, text = _reason(rc)
-            cb.on_connect(not failed, text, bool(getattr(flags, "session_present", False)))
 
-        def on_disconnect(c: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
-            cb.on_disconnect(_reason(rc)[1])
+def _bind_v2(client: mqtt.Client, cb: Callbacks) -> None:
+    def on_connect(c: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        failed, text = _reason(rc)
+        cb.on_connect(not failed, text, bool(getattr(flags, "session_present", False)))
 
-        def on_publish(c: Any, ud: Any, mid: int, rc: Any, props: Any = None) -> None:
-            failed, text = _reason(rc)
-            cb.on_publish(mid, not failed, text)
+    def on_disconnect(c: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        cb.on_disconnect(_reason(rc)[1])
 
-        def on_subscribe(c: Any, ud: Any, mid: int, rcs: Any, props: Any = None) -> None:
-            bad = [str(r) for r in (rcs or []) if getattr(r, "is_failure", False)]
-            cb.on_subscribe(mid, not bad, ", ".join(bad) or "granted")
+    def on_publish(c: Any, ud: Any, mid: int, rc: Any, props: Any = None) -> None:
+        failed, text = _reason(rc)
+        cb.on_publish(mid, not failed, text)
 
-    else:  # paho 1.6.1 (VERSION1 signatures; MQTT 5 adds a properties argument)
-
-        def on_connect(c: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
-            failed, text = _reason(rc)
-            cb.on_connect(not failed, text, bool((flags or {}).get("session present", 0)))
-
-        def on_disconnect(c: Any, ud: Any, rc: Any, props: Any = None) -> None:
-            cb.on_disconnect(_reason(rc)[1] if rc else "disconnected")
-
-        def on_publish(c: Any, ud: Any, mid: int) -> None:
-            cb.on_publish(mid, True, "success")
-
-        def on_subscribe(c: Any, ud: Any, mid: int, granted: Any, props: Any = None) -> None:
-            bad = [str(g) for g in (granted or []) if (getattr(g, "is_failure", False) or g == 128)]
-            cb.on_subscribe(mid, not bad, ", ".join(bad) or "granted")
+    def on_subscribe(c: Any, ud: Any, mid: int, rcs: Any, props: Any = None) -> None:
+        bad = [str(r) for r in (rcs or []) if getattr(r, "is_failure", False)]
+        cb.on_subscribe(mid, not bad, ", ".join(bad) or "granted")
 
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
     client.on_publish = on_publish
     client.on_subscribe = on_subscribe
-    client.on_message = lambda c, ud, msg: cb.on_message(msg)
+
+
+def _bind_v1(client: mqtt.Client, cb: Callbacks) -> None:
+    """paho 1.6.1: VERSION1 signatures; MQTT 5 adds a properties argument."""
+
+    def on_connect(c: Any, ud: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        failed, text = _reason(rc)
+        cb.on_connect(not failed, text, bool((flags or {}).get("session present", 0)))
+
+    def on_disconnect(c: Any, ud: Any, rc: Any, props: Any = None) -> None:
+        cb.on_disconnect(_reason(rc)[1] if rc else "disconnected")
+
+    def on_publish(c: Any, ud: Any, mid: int) -> None:
+        cb.on_publish(mid, True, "success")
+
+    def on_subscribe(c: Any, ud: Any, mid: int, granted: Any, props: Any = None) -> None:
+        bad = [str(g) for g in (granted or []) if (getattr(g, "is_failure", False) or g == 128)]
+        cb.on_subscribe(mid, not bad, ", ".join(bad) or "granted")
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_publish = on_publish
+    client.on_subscribe = on_subscribe

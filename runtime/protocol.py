@@ -500,7 +500,9 @@ def decode(cls: type[M], payload: bytes | str) -> M:
         raise ProtocolError(str(exc)[:200], kind=kind) from None
 
 
-def decode_command(payload: bytes | str) -> PingCommand | RollbackCommand | FlushCommand | SetCaptureRateCommand | GetStateCommand:
+def decode_command(
+    payload: bytes | str,
+) -> PingCommand | RollbackCommand | FlushCommand | SetCaptureRateCommand | GetStateCommand:
     data = _load_json(payload, "Command")
     if not isinstance(data, dict):
         raise ProtocolError("must be a JSON object", kind="Command")

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from brokers import MosquittoBroker, port_open, require_service
 
 

@@ -11,7 +11,9 @@ from cloud.config import CloudSettings, RetrainSettings
 from cloud.service import CloudService
 
 
-def cloud_settings(tmp: Path, keys: tuple[Path, Path], broker: str, fleet: str, store: str | None = None, **extra: Any) -> CloudSettings:
+def cloud_settings(
+    tmp: Path, keys: tuple[Path, Path], broker: str, fleet: str, store: str | None = None, **extra: Any
+) -> CloudSettings:
     key, pub = keys
     data: dict[str, Any] = {
         "fleet": fleet,

@@ -37,13 +37,21 @@ def linear_manifest(
     return sign_manifest(m, load_private_key(key_path))
 
 
-def desired(manifest: ModelManifest | None, device: str, *, rollback: bool = False, rollout: str | None = None) -> bytes:
+def desired(
+    manifest: ModelManifest | None, device: str, *, rollback: bool = False, rollout: str | None = None
+) -> bytes:
     return DesiredState(device=device, model=manifest, rollback=rollback, rollout_id=rollout).to_bytes()
 
 
 def settings(
-    tmp: Path, pub: Path, device: str = "dev-1", *, transport: str = "mqtt", url: str = "mqtt://127.0.0.1:1883",
-    fleet: str = "t", **extra: Any,
+    tmp: Path,
+    pub: Path,
+    device: str = "dev-1",
+    *,
+    transport: str = "mqtt",
+    url: str = "mqtt://127.0.0.1:1883",
+    fleet: str = "t",
+    **extra: Any,
 ) -> DeviceSettings:
     data: dict[str, Any] = {
         "device_id": device,

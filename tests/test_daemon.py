@@ -20,7 +20,7 @@ def run(coro):
 
 
 def make(tmp_path: Path, fleet_keys, **extra) -> tuple[Daemon, MemoryUplink]:
-    key, pub = fleet_keys
+    _, pub = fleet_keys
     s = settings(tmp_path, pub, transport="memory", **extra)
     up = MemoryUplink.from_settings(s)
     return Daemon(s, uplink=up), up
@@ -104,7 +104,11 @@ def test_update_inline_linear_swaps_without_gaps(tmp_path, fleet_keys):
         d.pipeline.submit_arrays(rng.normal(size=(5, 2)))
         d.pipeline.flush()
         await until(lambda: sum(b.n for b in batches(up)) >= 1005, what="all results")
-        rows = sorted((s, v) for b in batches(up) for s, v in zip(range(b.seq_first, b.seq_last + 1), b.model_version))
+        rows = sorted(
+            (s, v)
+            for b in batches(up)
+            for s, v in zip(range(b.seq_first, b.seq_last + 1), b.model_version, strict=True)
+        )
         assert [s for s, _ in rows] == list(range(1005))  # unbroken sequence: nothing dropped or doubled
         versions = [v for _, v in rows]
         switch = versions.index(2)
@@ -238,7 +242,7 @@ def test_telemetry_has_drift_and_live_error(tmp_path, fleet_keys):
     key, _ = fleet_keys
 
     async def go():
-        d, up = make(tmp_path, fleet_keys)
+        d, _ = make(tmp_path, fleet_keys)
         m = linear_manifest(key, 1, feature_stats=FeatureStats(mean=(0.0, 0.0), std=(1.0, 1.0)))
         d.store.install(m)
         d.store.activate(m.ref)

@@ -59,7 +59,11 @@ def test_readings_in_every_result_stored_once_and_outbox_drained(tmp_path, fleet
         seqs = stored(svc, "dev-a")
         assert seqs == list(range(5000))
         assert svc.store.counts()["dev-a"].duplicates == 0
-        await until(lambda: (svc.store.get_device("dev-a") or None) is not None and svc.store.get_device("dev-a").model_version == 1)
+        await until(
+            lambda: (
+                (svc.store.get_device("dev-a") or None) is not None and svc.store.get_device("dev-a").model_version == 1
+            )
+        )
         await d.shutdown(2)
         await svc.stop()
 
@@ -67,7 +71,7 @@ def test_readings_in_every_result_stored_once_and_outbox_drained(tmp_path, fleet
 
 
 def test_broker_killed_twice_mid_stream_loses_nothing(tmp_path, fleet_keys, private_broker: MosquittoBroker, unique_id):
-    key, pub = fleet_keys
+    _, pub = fleet_keys
     fleet = f"kill{unique_id}"
 
     async def go():
@@ -107,7 +111,7 @@ def _write_config(tmp: Path, pub: Path, device: str, url: str, fleet: str) -> Pa
 
 
 def test_daemon_sigkilled_mid_stream_loses_and_repeats_nothing(tmp_path, fleet_keys, machine_broker, unique_id):
-    key, pub = fleet_keys
+    _, pub = fleet_keys
     fleet = f"sigkill{unique_id}"
     cfg = _write_config(tmp_path, pub, "dev-s", machine_broker, fleet)
     n = 40000
@@ -125,7 +129,8 @@ def test_daemon_sigkilled_mid_stream_loses_and_repeats_nothing(tmp_path, fleet_k
         for _ in range(3):
             p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
             # kill it once it has stored something and while input remains
-            await until(lambda: len(stored(svc, "dev-s")) > (kills + 1) * 3000 or p.poll() is not None, 60, "progress")
+            goal = (kills + 1) * 3000
+            await until(lambda p=p, goal=goal: len(stored(svc, "dev-s")) > goal or p.poll() is not None, 60, "progress")
             p.send_signal(signal.SIGKILL)
             p.wait()
             p.stderr.close()
@@ -173,7 +178,9 @@ def test_sigterm_drains_and_exits_zero(tmp_path, fleet_keys, machine_broker, uni
     run(go())
 
 
-@pytest.mark.parametrize("payload", [b"not json", b'{"model": 5}', b"{}" * 10000, b'{"device": "dev-m", "model": {"name": "x"}}'])
+@pytest.mark.parametrize(
+    "payload", [b"not json", b'{"model": 5}', b"{}" * 10000, b'{"device": "dev-m", "model": {"name": "x"}}']
+)
 def test_malformed_desired_and_commands_with_mosquitto_pub(tmp_path, fleet_keys, machine_broker, unique_id, payload):
     import shutil
 

@@ -12,9 +12,9 @@ from cloud.rollout import (
     Rollout,
     RolloutParams,
     RolloutState,
+    SetDesired,
     abort,
     choose_canaries,
-    SetDesired,
     parse_target,
     start,
     step,
@@ -46,12 +46,22 @@ def fleet(r: Rollout, *, canary_version: int, canary_mae: float, control_mae: fl
     for d in r.devices:
         if d in r.canaries:
             out[d] = DeviceView(
-                d, online=True, active_name="m", active_version=canary_version, live_mae=canary_mae, live_n=50,
+                d,
+                online=True,
+                active_name="m",
+                active_version=canary_version,
+                live_mae=canary_mae,
+                live_n=50,
                 model_version_at_telemetry=canary_version,
             )
         else:
             out[d] = DeviceView(
-                d, online=True, active_name="m", active_version=others, live_mae=control_mae, live_n=50,
+                d,
+                online=True,
+                active_name="m",
+                active_version=others,
+                live_mae=control_mae,
+                live_n=50,
                 model_version_at_telemetry=others,
             )
     return out
@@ -106,18 +116,27 @@ def test_failed_apply_and_report_timeout_roll_back():
     r = make()
     f = fleet(r, canary_version=1, canary_mae=1.0, control_mae=1.0)
     c = r.canaries[0]
-    f[c] = DeviceView(c, online=True, active_version=1, update_state="failed", update_version=2,
-                      update_rollout="r1", update_reason="signature does not verify")
-    r2, d = step(r, 1.0, f)
+    f[c] = DeviceView(
+        c,
+        online=True,
+        active_version=1,
+        update_state="failed",
+        update_version=2,
+        update_rollout="r1",
+        update_reason="signature does not verify",
+    )
+    r2, _ = step(r, 1.0, f)
     assert r2.state == RolloutState.ROLLING_BACK and "signature does not verify" in (r2.reason or "")
     # nobody reports within the timeout
-    r3, d = step(r, 31.0, fleet(r, canary_version=1, canary_mae=1.0, control_mae=1.0))
+    r3, _ = step(r, 31.0, fleet(r, canary_version=1, canary_mae=1.0, control_mae=1.0))
     assert r3.state == RolloutState.ROLLING_BACK and "did not report" in (r3.reason or "")
 
 
 def test_no_live_error_waits_then_gives_up():
     r = make()
-    views = {d: DeviceView(d, online=True, active_name="m", active_version=2 if d in r.canaries else 1) for d in DEVICES}
+    views = {
+        d: DeviceView(d, online=True, active_name="m", active_version=2 if d in r.canaries else 1) for d in DEVICES
+    }
     r, _ = step(r, 1.0, views)
     r, _ = step(r, 20.0, views)
     assert r.state == RolloutState.BAKING  # waits for labelled readings
@@ -155,5 +174,5 @@ def test_start_tells_canaries_and_records_previous_versions():
     rb = Rollout("r10", "m", 1, "all", (), (), {}, RolloutParams(), rollback=True)
     rb2, d = start(rb, 5.0, views, random.Random(3))
     assert rb2.state == RolloutState.PROMOTING and d == [SetDesired(DEVICES, 1, rollback=True)]
-    empty, d = start(r, 5.0, [], random.Random(3))
-    assert empty.state == RolloutState.ABORTED and d == []
+    empty, told = start(r, 5.0, [], random.Random(3))
+    assert empty.state == RolloutState.ABORTED and told == []

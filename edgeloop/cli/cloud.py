@@ -15,7 +15,9 @@ app = typer.Typer(help="The cloud service: ingest, training, registry, rollouts.
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-ConfigOpt = typer.Option(Path("cloud.toml"), "--config", "-c", help="The cloud config written by `edgeloop cloud init`.")
+ConfigOpt = typer.Option(
+    Path("cloud.toml"), "--config", "-c", help="The cloud config written by `edgeloop cloud init`."
+)
 
 
 def load(config: Path) -> Any:
@@ -142,7 +144,9 @@ def train(
     coef = ", ".join(f"{f}={w:.4f}" for f, w in zip(res.features, res.weights, strict=True))
     typer.echo(f"  y = {coef}, intercept={res.intercept:.4f}")
     if res.holdout is not None:
-        typer.echo(f"  held-out MAE {res.holdout.mae:.4f} RMSE {res.holdout.rmse:.4f} R² {res.holdout.r2:.4f} ({res.n_holdout} rows)")
+        typer.echo(
+            f"  held-out MAE {res.holdout.mae:.4f} RMSE {res.holdout.rmse:.4f} R² {res.holdout.r2:.4f} ({res.n_holdout} rows)"
+        )
     if res.champion is not None:
         typer.echo(f"  champion v{res.champion_version} MAE {res.champion.mae:.4f} on the same rows")
     typer.echo(f"  {out.reason}" + (f" → registered v{out.registered}" if out.registered else " → not registered"))
@@ -158,7 +162,7 @@ def models_list(
     store = open_store(load(config).store)
     recs = store.list_model_versions(name)
     if as_json:
-        print_json([{**r.__class__.__dict__.get("__annotations__", {}), **_rec(r)} for r in recs])
+        print_json([_rec(r) for r in recs])
         return
     rows = [
         (
@@ -220,12 +224,19 @@ def models_import(
     s = load(config)
     reg = Registry(open_store(s.store), s.artifacts_dir, load_private_key(s.signing_key), s.artifact_base_url)
     m = reg.import_onnx(file, name, [f.strip() for f in features.split(",") if f.strip()])
-    typer.echo(f"imported {m.name} v{m.version} (sha256 {m.artifact.sha256[:12]}…, {m.artifact.size} bytes)" if m.artifact else "")
+    typer.echo(
+        f"imported {m.name} v{m.version} (sha256 {m.artifact.sha256[:12]}…, {m.artifact.size} bytes)"
+        if m.artifact
+        else ""
+    )
 
 
 @models_app.command("export")
 def models_export(
-    name: str, version: int | None = typer.Argument(None), out: Path = typer.Option(..., "--out"), config: Path = ConfigOpt
+    name: str,
+    version: int | None = typer.Argument(None),
+    out: Path = typer.Option(..., "--out"),
+    config: Path = ConfigOpt,
 ) -> None:
     """Write a signed bundle folder (for `edgeloop device install-model`)."""
     from cloud.registry import Registry

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -27,7 +26,9 @@ def demo(
     from devices.demo import DemoOptions, fmt, run_demo
 
     logging.getLogger().setLevel(logging.WARNING)
-    opts = DemoOptions(devices=devices, duration=duration, broker=broker, out=out, headless=headless or as_json, rate=rate)
+    opts = DemoOptions(
+        devices=devices, duration=duration, broker=broker, out=out, headless=headless or as_json, rate=rate
+    )
     if opts.headless:
         result = asyncio.run(run_demo(opts))
     else:
@@ -51,5 +52,3 @@ def demo(
         typer.echo(f"report: {out}/fleet_mae.png, {out}/summary.json, {out}/events.log, {out}/cloud.db")
     if not result.ok:
         fail("the loop did not close: " + "; ".join(result.failed))
-
-

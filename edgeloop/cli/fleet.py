@@ -121,7 +121,9 @@ def deploy(
     target: str = typer.Option("all", "--target", help="all | group:G | devices:a,b"),
     canary: str = typer.Option("10%", "--canary", help="Share of target devices in the canary stage."),
     bake: str = typer.Option("2m", "--bake", help="How long canaries run before they are judged."),
-    max_mae_ratio: float = typer.Option(1.1, "--max-mae-ratio", help="Canary live MAE may exceed control's by this factor."),
+    max_mae_ratio: float = typer.Option(
+        1.1, "--max-mae-ratio", help="Canary live MAE may exceed control's by this factor."
+    ),
     max_failures: int = typer.Option(0, "--max-failures", help="Canary devices allowed to fail the update."),
     report_timeout: str = typer.Option("2m", "--report-timeout", help="How long devices get to report the version."),
     as_json: bool = typer.Option(False, "--json"),
@@ -154,14 +156,18 @@ def deploy(
     if as_json:
         print_json({"rollout": rec.id, "model": rec.model, "version": rec.version, "target": rec.target})
         return
-    typer.echo(f"rollout {rec.id}: {rec.model} v{rec.version} to {target}, canary {params.canary:.0%}, bake {params.bake:g}s")
+    typer.echo(
+        f"rollout {rec.id}: {rec.model} v{rec.version} to {target}, canary {params.canary:.0%}, bake {params.bake:g}s"
+    )
     typer.echo(f"follow it with: edgeloop fleet rollout status {rec.id}")
 
 
 @app.command("rollback")
 def rollback(
     model: str | None = typer.Argument(None, help="Model name (default: the config's retrain.model)."),
-    to: int | None = typer.Option(None, "--to", help="Version to return to (default: the one before the last rollout)."),
+    to: int | None = typer.Option(
+        None, "--to", help="Version to return to (default: the one before the last rollout)."
+    ),
     target: str = typer.Option("all", "--target"),
     config: Path = ConfigOpt,
 ) -> None:
@@ -200,7 +206,8 @@ def rollout_status(
             print_json([_rollout_json(r) for r in recs])
             return
         rows = [
-            (r.id, f"{r.model} v{r.version}", r.target, r.state, (r.reason or "")[:60], _ago(r.updated_at)) for r in recs
+            (r.id, f"{r.model} v{r.version}", r.target, r.state, (r.reason or "")[:60], _ago(r.updated_at))
+            for r in recs
         ]
         print_table(["rollout", "model", "target", "state", "reason", "updated"], rows)
         return
@@ -209,7 +216,9 @@ def rollout_status(
         fail(f"no rollout {rollout_id}")
     events = store.rollout_events(rollout_id)
     if as_json:
-        print_json({**_rollout_json(rec), "events": [{"ts": e.ts, "message": e.message, "state": e.state} for e in events]})
+        print_json(
+            {**_rollout_json(rec), "events": [{"ts": e.ts, "message": e.message, "state": e.state} for e in events]}
+        )
         return
     p = rec.params
     typer.echo(f"rollout {rec.id}: {rec.model} v{rec.version} → {rec.target}   state: {rec.state}")

@@ -69,10 +69,12 @@ class MqttUplink(Uplink):
         await self.client.stop()
 
     async def publish(self, suffix: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0) -> None:
-        await self.client.publish(topic(self.fleet, self.device, suffix), payload, qos=1, retain=retain, timeout=timeout)
+        await self.client.publish(
+            topic(self.fleet, self.device, suffix), payload, qos=1, retain=retain, timeout=timeout
+        )
 
     def _status(self, state: str) -> bytes:
-        return Status(device=self.device, state=state, ts=time.time()).to_bytes()  # type: ignore[arg-type]
+        return Status(device=self.device, state=state, ts=time.time()).to_bytes()
 
     def _on_client_connection(self, up: bool) -> None:
         if up:
