@@ -38,7 +38,7 @@ ENV_PREFIX = "EDGELOOP_"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid")
 
 
 class BrokerSettings(_Section):

@@ -108,7 +108,7 @@ class Daemon:
             self.pipeline.swap(predictor)
             logger.info("serving %s v%s (%s)", predictor.manifest.name, predictor.manifest.version, predictor.backend)
         else:
-            logger.warning("no model installed yet: results are stored without predictions until one arrives")
+            logger.info("no model installed yet: results are stored without predictions until one arrives")
         if self.settings.share.mode in ("stats", "both"):
             self.pipeline.stats_sink = self._accumulate_stats
         self.outbox.release_all()

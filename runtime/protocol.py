@@ -107,7 +107,7 @@ def _finite(v: float, what: str = "value") -> float:
 class Wire(BaseModel):
     """Base of every payload: frozen, strict about unknown fields, carries the protocol version."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
     kind: ClassVar[str] = "payload"
 
     v: Literal[1] = PROTOCOL_VERSION
@@ -126,7 +126,7 @@ class Wire(BaseModel):
 class FeatureStats(BaseModel):
     """Training feature statistics: the reference for drift."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid", allow_inf_nan=False)
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -140,7 +140,7 @@ class FeatureStats(BaseModel):
 
 
 class TrainingInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid", allow_inf_nan=False)
     source: Literal["rows", "stats", "import", "manual"] = "manual"
     window_start: float | None = None
     window_end: float | None = None
@@ -152,7 +152,7 @@ class TrainingInfo(BaseModel):
 class ArtifactRef(BaseModel):
     """An artifact stored beside the manifest (``filename``) and optionally served at ``url``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid")
     filename: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")] = "model.onnx"
     url: Annotated[str, StringConstraints(max_length=2048)] | None = None
     size: int = Field(ge=1, le=2**40)
@@ -182,6 +182,7 @@ class ModelManifest(Wire):
     signature: Annotated[str, StringConstraints(max_length=256)] | None = None
 
     model_config = ConfigDict(
+        regex_engine="python-re",
         frozen=True, extra="forbid", allow_inf_nan=False, populate_by_name=True, protected_namespaces=()
     )
 
@@ -215,7 +216,7 @@ class ModelManifest(Wire):
 
 
 class ModelRef(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid")
     name: Identifier
     version: Version
 
@@ -276,7 +277,7 @@ class ResultBatch(Wire):
 
 
 class FeatureDrift(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid", allow_inf_nan=False)
     n: int = Field(ge=0)
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -376,7 +377,7 @@ class DesiredState(Wire):
 
 
 class UpdateStatus(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid")
     state: Literal["idle", "applying", "applied", "failed", "rolled_back"] = "idle"
     version: int | None = None
     reason: Annotated[str, StringConstraints(max_length=1024)] | None = None
