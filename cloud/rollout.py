@@ -123,7 +123,7 @@ class Rollout:
             state=new,
             updated=now,
             stage_started=now,
-            reason=message if new in (R.ROLLING_BACK, R.ROLLED_BACK, R.ABORTED, R.SUPERSEDED) else self.reason,
+            reason=message if new in (R.ROLLING_BACK, R.ABORTED, R.SUPERSEDED) else self.reason,
             events=(*self.events, (now, f"{new.value}: {message}")),
             metrics={**self.metrics, **metrics},
         )

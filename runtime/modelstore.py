@@ -119,10 +119,16 @@ class ModelStore:
 
     # ------------------------------------------------------------------ activate / rollback / gc
 
-    def activate(self, ref: ModelRef) -> None:
-        """Make ``ref`` active; the active one becomes previous (last-known-good)."""
+    def activate(self, ref: ModelRef, *, rollback: bool = False) -> None:
+        """Make ``ref`` active; the active one becomes previous (last-known-good).
+
+        A rollback does not make the version rolled back from the last-known-good: previous
+        stays what it was (or is cleared when it is the version being returned to)."""
         active, previous = self.pointers()
         if active == ref:
+            return
+        if rollback:
+            self._write_pointers(ref, None if previous == ref else previous)
             return
         self._write_pointers(ref, active if active is not None else previous)
 

@@ -275,7 +275,7 @@ class Reconciler:
                 candidate = load_predictor(bundle, onnx_threads=self.settings.onnx_threads)
                 self._move(UpdateState.VALIDATING, m.version, None, rid)
                 validate_candidate(candidate, current, recent, schema, self.settings.max_output_shift)
-                self.store.activate(m.ref)
+                self.store.activate(m.ref, rollback=desired.rollback)
                 self._move(
                     UpdateState.ROLLED_BACK if desired.rollback else UpdateState.APPLIED,
                     m.version,

@@ -192,6 +192,8 @@ def test_rollback_command_and_desired_rollback_need_no_download(tmp_path, fleet_
         up.deliver("desired", desired(m1, "dev-1", rollback=True))
         await until(lambda: d.pipeline.model_version == 1)
         await until(lambda: reported(up).update.state == "rolled_back")
+        # the version rolled back from is not kept as last-known-good
+        await until(lambda: reported(up).active.version == 1 and reported(up).previous is None)
         await d.shutdown(0.2)
 
     run(go())

@@ -231,6 +231,33 @@ def models_import(
     )
 
 
+@models_app.command("register")
+def models_register(
+    coef: Path = typer.Option(..., "--coef", help='A coefficients file: {"weights": [...], "intercept": b}'),
+    name: str = typer.Option(..., "--name"),
+    features: str = typer.Option(..., "--features", help="a,b,c in the order of the weights"),
+    config: Path = ConfigOpt,
+) -> None:
+    """Version and sign a linear model fitted elsewhere."""
+    from cloud.registry import Registry
+    from cloud.store import open_store
+    from runtime.artifacts import load_private_key
+
+    try:
+        data = json.loads(coef.read_text())
+        weights = [float(w) for w in data["weights"]]
+        intercept = float(data["intercept"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(f'{coef}: not a coefficients file ({exc}); expected {{"weights": [...], "intercept": b}}')
+    feats = [f.strip() for f in features.split(",") if f.strip()]
+    if len(feats) != len(weights):
+        fail(f"{len(weights)} weights for {len(feats)} features")
+    s = load(config)
+    reg = Registry(open_store(s.store), s.artifacts_dir, load_private_key(s.signing_key), s.artifact_base_url)
+    m = reg.register_linear(name, feats, weights, intercept)
+    typer.echo(f"registered {m.name} v{m.version}")
+
+
 @models_app.command("export")
 def models_export(
     name: str,
