@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runtime.errors import ProtocolError
 from runtime.pipeline import Pipeline
-from runtime.protocol import Reading, decode
+from runtime.protocol import MAX_PAYLOAD_BYTES, Reading, decode
 
 __all__ = ["FileSource", "StdinSource", "parse_line"]
 
@@ -31,20 +31,26 @@ def parse_line(line: bytes) -> Reading | None:
     line = line.strip()
     if not line:
         return None
+    if len(line) > MAX_PAYLOAD_BYTES:  # refuse before parsing, as decode() does
+        raise ProtocolError(f"line of {len(line)} bytes exceeds {MAX_PAYLOAD_BYTES}", kind="Reading")
     if b'"features"' in line:
         return decode(Reading, line)
     import json
 
     try:
         obj = json.loads(line)
-    except ValueError as exc:
-        raise ProtocolError(f"not valid JSON ({exc})", kind="Reading") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+        raise ProtocolError(f"not valid JSON ({str(exc)[:120]})", kind="Reading") from None
     if not isinstance(obj, dict):
         raise ProtocolError("must be a JSON object", kind="Reading")
     ts = obj.pop("ts", None)
     y = obj.pop("y_true", None)
     obj.pop("v", None)
-    return decode(Reading, json.dumps({"ts": ts, "features": obj, "y_true": y}))
+    try:
+        text = json.dumps({"ts": ts, "features": obj, "y_true": y})
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"cannot be re-encoded ({str(exc)[:120]})", kind="Reading") from None
+    return decode(Reading, text)
 
 
 class _LineSource:
