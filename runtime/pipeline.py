@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import InputError
+from runtime.errors import InputError, ModelError
 from runtime.outbox import Outbox
 from runtime.predictors import Predictor
 from runtime.protocol import Reading
@@ -219,14 +219,23 @@ class Pipeline:
                 logger.debug("%d readings rejected: non-finite feature values", nbad)
                 ts, X, y_true = ts[ok], X[ok], y_true[ok]
             n = X.shape[0]
-            if n:
-                t0 = time.perf_counter()
-                if pred is not None:
-                    assert self._cols is not None
+            t0 = time.perf_counter()
+            y_pred = np.full(n, math.nan)
+            if n and pred is not None:
+                assert self._cols is not None
+                try:
                     y_pred = pred.predict(X[:, self._cols])
-                    self.counters.predictions += n
-                else:
-                    y_pred = np.full(n, math.nan)
+                except ModelError as exc:
+                    # One bad row (finite inputs whose output overflows) must not sink the whole
+                    # micro-batch nor the task that flushed it: predict row by row, reject the bad.
+                    good, y_pred = _predict_rows(pred, X[:, self._cols])
+                    nbad = int((~good).sum())
+                    self.counters.rejected += nbad
+                    logger.warning("%d readings rejected: %s", nbad, exc)
+                    ts, X, y_true, y_pred = ts[good], X[good], y_true[good], y_pred[good]
+                    n = X.shape[0]
+                self.counters.predictions += n
+            if n:
                 version = self.model_version
                 capture = self._capture_mask(n)
                 self.outbox.append_results(
@@ -241,7 +250,7 @@ class Pipeline:
                 self.latency.record(time.perf_counter() - t0 + (time.monotonic() - p.first_at), n)
                 accepted = n
                 self._observe(X, y_pred, y_true, version)
-        elif p.position is not None:
+        if not accepted and p.position is not None:  # nothing stored (or all rejected): still move on
             self.outbox.set_meta(*p.position)
         for cb in p.on_commit:
             try:
@@ -277,3 +286,15 @@ class Pipeline:
 
     def describe(self) -> dict[str, Any]:
         return {"schema": list(self.schema), "pending": self.pending.n, "model_version": self.model_version}
+
+
+def _predict_rows(pred: Predictor, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predict one row at a time: (rows that predicted, predictions with NaN where a row failed)."""
+    good = np.ones(X.shape[0], dtype=bool)
+    y = np.full(X.shape[0], math.nan)
+    for i in range(X.shape[0]):
+        try:
+            y[i] = pred.predict(X[i : i + 1])[0]
+        except ModelError:
+            good[i] = False
+    return good, y

@@ -61,15 +61,16 @@ class RunningStats:
             return
         x = np.asarray(x, dtype=np.float64)
         nb = x.shape[0]
-        mb = x.mean(axis=0)
-        m2b = ((x - mb) ** 2).sum(axis=0)
-        if self.n == 0:
-            self.n, self.mean, self.m2 = nb, mb, m2b
-            return
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
+        with np.errstate(all="ignore"):  # finite readings near 1e308 overflow; drift() reports them clamped
+            mb = x.mean(axis=0)
+            m2b = ((x - mb) ** 2).sum(axis=0)
+            if self.n == 0:
+                self.n, self.mean, self.m2 = nb, mb, m2b
+                return
+            n = self.n + nb
+            delta = mb - self.mean
+            self.mean = self.mean + delta * (nb / n)
+            self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
         self.n = n
 
     @property
@@ -79,12 +80,15 @@ class RunningStats:
         return np.sqrt(self.m2 / (self.n - 1))
 
     def drift(self, reference: FeatureStats | None) -> FeatureDrift:
-        return FeatureDrift(
-            n=self.n,
-            mean=tuple(float(v) for v in self.mean),
-            std=tuple(float(v) for v in self.std),
-            drift_score=drift_score(self.mean, reference) if self.n else None,
-        )
+        # The wire carries finite numbers only: overflowed statistics go out as ±max float.
+        with np.errstate(all="ignore"):
+            score = drift_score(self.mean, reference) if self.n else None
+            return FeatureDrift(
+                n=self.n,
+                mean=tuple(_finite(v) for v in self.mean),
+                std=tuple(_finite(v) for v in self.std),
+                drift_score=None if score is None else _finite(score),
+            )
 
 
 def drift_score(live_mean: np.ndarray, reference: FeatureStats | None) -> float | None:
@@ -107,14 +111,23 @@ class LiveError:
         ok = np.isfinite(y_true) & np.isfinite(y_pred)
         if ok.any():
             self.n += int(ok.sum())
-            self.abs_sum += float(np.abs(y_pred[ok] - y_true[ok]).sum())
+            with np.errstate(all="ignore"):  # |1e308 - -1e308| overflows; mae reports it clamped
+                self.abs_sum += float(np.abs(y_pred[ok] - y_true[ok]).sum())
 
     @property
     def mae(self) -> float | None:
-        return self.abs_sum / self.n if self.n else None
+        return _finite(self.abs_sum / self.n) if self.n else None
 
     def reset(self) -> None:
         self.n, self.abs_sum = 0, 0.0
+
+
+def _finite(v: float) -> float:
+    """``v`` with NaN as 0 and ±inf as ±max float, for payloads that refuse non-finite numbers."""
+    return float(np.nan_to_num(v, nan=0.0, posinf=_FMAX, neginf=-_FMAX))
+
+
+_FMAX = float(np.finfo(np.float64).max)
 
 
 @dataclass
