@@ -300,7 +300,7 @@ class Telemetry(Wire):
     latency_p99_us: float | None = None
     outbox_depth: int = Field(ge=0)
     outbox_bytes: int = Field(ge=0)
-    outbox_dropped: dict[Stream, int] = Field(default_factory=dict)
+    outbox_dropped: dict[Stream, Annotated[int, Field(ge=0, lt=2**63)]] = Field(default_factory=dict)
     bytes_written: int = Field(default=0, ge=0)
     rss_bytes: int = Field(default=0, ge=0)
     features: FeatureDrift | None = None
@@ -379,7 +379,7 @@ class DesiredState(Wire):
 class UpdateStatus(BaseModel):
     model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid")
     state: Literal["idle", "applying", "applied", "failed", "rolled_back"] = "idle"
-    version: int | None = None
+    version: Version | None = None
     reason: Annotated[str, StringConstraints(max_length=1024)] | None = None
     rollout_id: Annotated[str, StringConstraints(max_length=64)] | None = None
     at: float | None = None
