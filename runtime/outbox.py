@@ -34,6 +34,7 @@ import logging
 import math
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -149,6 +150,19 @@ class _Counters:
 
 
 @dataclass(slots=True)
+class _TailChunk:
+    first: int
+    ts: list[float]
+    mv: list[Any]
+    y_pred: list[float | None]
+    x: list[bytes | None]
+    y_true: list[float | None]
+
+
+TAIL_ROWS = 65536
+
+
+@dataclass(slots=True)
 class _Lease:
     first: int
     last: int
@@ -188,6 +202,11 @@ class Outbox:
         self._last_ack_ts: float | None = None
         self._meta_dirty = False
         self._deleted: list[tuple[str, int, int]] = []  # ranges to forget once the transaction commits
+        # The newest committed result rows, kept in memory so a claim of fresh rows need not read
+        # back what was just written (the common case: the uplink keeps up). Correctness never
+        # depends on it: any delete clears it, and a miss falls back to SQL.
+        self._tail: deque[_TailChunk] = deque()
+        self._tail_rows = 0
         self._warned_drop: set[str] = set()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +322,9 @@ class Outbox:
         self._meta_dirty = False
         for stream, lo, hi in self._deleted:
             self._forget(stream, lo, hi)
+            if stream == "results":
+                self._tail.clear()
+                self._tail_rows = 0
         self._deleted.clear()
 
     @contextmanager
@@ -385,7 +407,37 @@ class Outbox:
                 self._enforce_caps(db, {"results": first})
             if source_key is not None:
                 self._put_meta(db, self._user_key(source_key), source_position)
+        if n:
+            self._remember(_TailChunk(first, ts_a.tolist(), mv, _none_for_nan(y_pred_l), xb, _none_for_nan(y_true_l)))
         return first, first + n - 1
+
+    def _remember(self, chunk: _TailChunk) -> None:
+        if self._tail and self._tail[-1].first + len(self._tail[-1].ts) != chunk.first:
+            self._tail.clear()
+            self._tail_rows = 0
+        self._tail.append(chunk)
+        self._tail_rows += len(chunk.ts)
+        while self._tail_rows - len(self._tail[0].ts) >= TAIL_ROWS:
+            self._tail_rows -= len(self._tail.popleft().ts)
+
+    def _from_tail(self, lo: int, limit: int) -> tuple[list[Any], ...] | None:
+        """Columns of rows ``lo..`` (at most ``limit``) from memory, or None when not all there."""
+        if not self._tail or lo < self._tail[0].first:
+            return None
+        cols: tuple[list[Any], ...] = ([], [], [], [], [])
+        got = 0
+        for ch in self._tail:
+            end = ch.first + len(ch.ts)
+            if end <= lo + got:
+                continue
+            a = lo + got - ch.first
+            b = min(len(ch.ts), a + limit - got)
+            for col, src in zip(cols, (ch.ts, ch.mv, ch.y_pred, ch.x, ch.y_true), strict=True):
+                col.extend(src[a:b])
+            got += b - a
+            if got >= limit:
+                break
+        return cols if got else None
 
     @staticmethod
     def _floats(col: Sequence[float | None] | np.ndarray, n: int, name: str) -> list[float | None]:
@@ -539,6 +591,24 @@ class Outbox:
         return claim
 
     def _fetch(self, stream: str, lo: int, hi: int | None, resend: bool, limit: int = 0) -> Claim | None:
+        if stream == "results" and hi is None and not resend:
+            cached = self._from_tail(lo, limit)
+            if cached is not None:
+                ts, mv, yp, xs, yt = cached
+                with self._read(f"claim {stream}") as db:
+                    low = db.execute("SELECT min(seq) FROM results").fetchone()[0]
+                return Claim(
+                    stream,
+                    lo,
+                    lo + len(ts) - 1,
+                    (low if low is not None else lo) - 1,
+                    resend,
+                    ts=ts,
+                    model_version=mv,
+                    y_pred=yp,
+                    x=_decode_x(xs),
+                    y_true=yt if any(v is not None for v in yt) else None,
+                )
         with self._read(f"claim {stream}") as db:
             cols = "seq, ts, model_version, y_pred, x, y_true" if stream == "results" else "seq, payload"
             if hi is None:
@@ -773,6 +843,13 @@ class Outbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _none_for_nan(values: list[float | None]) -> list[float | None]:
+    """What SQLite would give back: NULL (None) where NaN was bound."""
+    if any(v != v for v in values if v is not None):
+        return [None if v is None or v != v else v for v in values]
+    return values
 
 
 def _incremental_vacuum(db: sqlite3.Connection, pages: int) -> None:
