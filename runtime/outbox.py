@@ -381,7 +381,7 @@ class Outbox:
         else:
             mv = [None if v is None else int(v) for v in model_version]
         y_pred_l = self._floats(y_pred, n, "y_pred")
-        y_true_l = [None] * n if y_true is None else self._floats(y_true, n, "y_true")
+        y_true_l: list[float | None] = [None] * n if y_true is None else self._floats(y_true, n, "y_true")
         xb = self._x_blobs(x, n, x_mask)
         if len(mv) != n:
             raise ValueError(f"model_version has {len(mv)} entries for {n} rows")
