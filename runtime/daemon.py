@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import gc
 import json
 import logging
 import os
@@ -548,11 +550,22 @@ async def run(settings: DeviceSettings, input_path: str | None) -> int:
             from runtime.mqttsource import MqttSource
 
             daemon.add_source(MqttSource.from_settings(daemon.pipeline, settings))
+    _release_memory()
     logger.info("device %s running (fleet %s, transport %s)", settings.device_id, settings.fleet, daemon.uplink.name)
     await daemon.wait_stopped()
     logger.info("stopping: draining the outbox for up to %.0f s", settings.drain_deadline)
     await daemon.shutdown()
     return 0
+
+
+def _release_memory() -> None:
+    """Return start-up garbage to the OS: building the wire models' validators leaves freed heap
+    that glibc keeps (about 2 MB here); a device counts every megabyte."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
