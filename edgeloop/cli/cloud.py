@@ -20,6 +20,15 @@ ConfigOpt = typer.Option(
 )
 
 
+def registry(s: Any) -> Any:
+    """The registry of a loaded cloud config (store, artifacts, signing key)."""
+    from cloud.registry import Registry
+    from cloud.store import open_store
+    from runtime.artifacts import load_private_key
+
+    return Registry(open_store(s.store), s.artifacts_dir, load_private_key(s.signing_key), s.artifact_base_url)
+
+
 def load(config: Path) -> Any:
     from cloud.config import load_cloud_settings
 
@@ -101,10 +110,7 @@ def train(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Fit OLS/ridge from sufficient statistics, evaluate against the champion, register if better."""
-    from cloud.registry import Registry
-    from cloud.store import open_store
     from cloud.trainer import Trainer
-    from runtime.artifacts import load_private_key
 
     s = load(config)
     rt = s.retrain.model_copy(
@@ -122,9 +128,8 @@ def train(
     )
     if source is not None and source not in ("rows", "stats"):
         raise typer.BadParameter("must be rows or stats", param_hint="--source")
-    store = open_store(s.store)
-    registry = Registry(store, s.artifacts_dir, load_private_key(s.signing_key), s.artifact_base_url)
-    out = Trainer(store, registry, rt, s.fleet).run(force_register=force)
+    reg = registry(s)
+    out = Trainer(reg.store, reg, rt, s.fleet).run(force_register=force)
     res = out.result
     if as_json:
         print_json(
@@ -217,12 +222,8 @@ def models_import(
     config: Path = ConfigOpt,
 ) -> None:
     """Version and sign an ONNX model like a trained one."""
-    from cloud.registry import Registry
-    from cloud.store import open_store
-    from runtime.artifacts import load_private_key
-
     s = load(config)
-    reg = Registry(open_store(s.store), s.artifacts_dir, load_private_key(s.signing_key), s.artifact_base_url)
+    reg = registry(s)
     m = reg.import_onnx(file, name, [f.strip() for f in features.split(",") if f.strip()])
     typer.echo(
         f"imported {m.name} v{m.version} (sha256 {m.artifact.sha256[:12]}…, {m.artifact.size} bytes)"
@@ -239,10 +240,6 @@ def models_register(
     config: Path = ConfigOpt,
 ) -> None:
     """Version and sign a linear model fitted elsewhere."""
-    from cloud.registry import Registry
-    from cloud.store import open_store
-    from runtime.artifacts import load_private_key
-
     try:
         data = json.loads(coef.read_text())
         weights = [float(w) for w in data["weights"]]
@@ -252,9 +249,7 @@ def models_register(
     feats = [f.strip() for f in features.split(",") if f.strip()]
     if len(feats) != len(weights):
         fail(f"{len(weights)} weights for {len(feats)} features")
-    s = load(config)
-    reg = Registry(open_store(s.store), s.artifacts_dir, load_private_key(s.signing_key), s.artifact_base_url)
-    m = reg.register_linear(name, feats, weights, intercept)
+    m = registry(load(config)).register_linear(name, feats, weights, intercept)
     typer.echo(f"registered {m.name} v{m.version}")
 
 
@@ -266,11 +261,7 @@ def models_export(
     config: Path = ConfigOpt,
 ) -> None:
     """Write a signed bundle folder (for `edgeloop device install-model`)."""
-    from cloud.registry import Registry
-    from cloud.store import open_store
-    from runtime.artifacts import load_private_key
-
     s = load(config)
-    reg = Registry(open_store(s.store), s.artifacts_dir, load_private_key(s.signing_key), s.artifact_base_url)
+    reg = registry(s)
     reg.export(name, version, out)
     typer.echo(f"wrote {out}")
