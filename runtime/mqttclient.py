@@ -1,22 +1,30 @@
 """An MQTT client driven by the asyncio event loop through paho's socket hooks (as aiomqtt does).
 
-No thread per client: paho's socket is registered with ``loop.add_reader``/``add_writer`` and
-``loop_read``/``loop_write`` run when it is ready, ``loop_misc`` on a timer — so a simulated
-fleet of a thousand devices shares one process. ``publish`` returns when the broker's PUBACK
-arrives (pending futures keyed by message id, always removed); a disconnect fails every pending
-publish with TransportError so callers resend. Reconnects use jittered, capped exponential
-backoff and resubscribe every registered topic on every connect.
+No thread per client: paho's socket is registered with ``loop.add_reader``/``add_writer``,
+``loop_read``/``loop_write`` run when it is ready and ``loop_misc`` (keepalive) on a one-second
+timer, so a simulated fleet of a thousand devices shares one process and one loop. Only the
+blocking part of a connect — DNS, TCP connect, TLS handshake — runs in a small shared worker
+pool, so a slow or unreachable broker never stalls inference on the loop.
+
+``publish`` returns when the broker's PUBACK arrives (pending futures keyed by message id,
+always removed); a disconnect fails every pending publish with TransportError so callers
+resend. A background task reconnects with jittered, capped exponential backoff and
+resubscribes every registered topic on every connect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import random
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,14 +32,28 @@ import paho.mqtt.client as mqtt
 
 from runtime import mqttcompat
 from runtime.errors import ConfigError, TransportError
+from runtime.mqttcompat import MqttProtocol, TlsFiles, Will
 
-__all__ = ["AsyncMqttClient", "MqttMessage", "Backoff", "parse_broker_url"]
+__all__ = ["AsyncMqttClient", "Backoff", "MqttMessage", "parse_broker_url"]
 
 logger = logging.getLogger(__name__)
 
+_MISC_INTERVAL = 1.0  # seconds between loop_misc calls (keepalive pings, dead-peer detection)
+_connect_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Workers for blocking connects, shared by every client in the process (not one per client)."""
+    global _connect_pool
+    with _pool_lock:
+        if _connect_pool is None:
+            _connect_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mqtt-connect")
+        return _connect_pool
+
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
-    """``mqtt://host[:1883]`` or ``mqtts://host[:8883]`` → (host, port, tls)."""
+    """``mqtt://host[:1883]`` or ``mqtts://host[:8883]`` → ``(host, port, tls)``."""
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
         raise ConfigError(f"unsupported broker URL scheme {parts.scheme!r} (use mqtt:// or mqtts://)", "broker.url")
@@ -47,70 +69,128 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
 
 @dataclass
 class Backoff:
-    """Jittered exponential backoff: ``min * 2^n`` capped at ``max``, each wait drawn from [d/2, d]."""
+    """Jittered exponential backoff: ``minimum * 2^n`` capped at ``maximum``, each wait drawn from [d/2, d]."""
 
     minimum: float = 0.5
     maximum: float = 30.0
-    attempt: int = 0
     rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.minimum <= self.maximum:
+            raise ConfigError(f"backoff needs 0 < min <= max, got {self.minimum} and {self.maximum}", "broker.backoff")
 
     def next(self) -> float:
-        d = min(self.maximum, self.minimum * (2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
+        d = min(self.maximum, self.minimum * (2 ** min(self.attempt, 62)))
+        self.attempt += 1
         return d / 2 + self.rng.random() * d / 2
 
     def reset(self) -> None:
         self.attempt = 0
 
 
-@dataclass
 class MqttMessage:
-    topic: str
-    payload: bytes
-    qos: int = 0
-    retain: bool = False
-    user_properties: dict[str, str] = field(default_factory=dict)
-    mid: int = 0
-    _ack: Callable[[], None] | None = None
+    """A received message. With ``manual_ack``, call :meth:`ack` once it is safely processed."""
+
+    __slots__ = ("_ack", "_raw", "mid", "payload", "qos", "retain", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        mid: int = 0,
+        *,
+        raw: mqtt.MQTTMessage | None = None,
+        ack: Callable[[], None] | None = None,
+    ) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.mid = mid
+        self._raw = raw
+        self._ack = ack
+
+    @property
+    def user_properties(self) -> dict[str, str]:
+        """MQTT 5 user properties ({} under 3.1.1)."""
+        return mqttcompat.user_properties(self._raw) if self._raw is not None else {}
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        """Every MQTT 5 property by name (``ContentType``, ``UserProperty``, ...); {} under 3.1.1."""
+        p = getattr(self._raw, "properties", None)
+        return dict(p.json()) if p is not None else {}
+
+    @property
+    def needs_ack(self) -> bool:
+        return self._ack is not None
 
     def ack(self) -> None:
-        """Acknowledge a manual-ack message to the broker (no-op otherwise)."""
+        """Acknowledge a manual-ack message to the broker (once; a no-op for other messages).
+
+        When the link dropped since the message arrived the ack is not sent: the broker
+        redelivers the message in the resumed session, and acknowledging its old id on the
+        new connection would acknowledge a different message.
+        """
         if self._ack is not None:
             ack, self._ack = self._ack, None
             ack()
 
+    def __repr__(self) -> str:
+        return f"MqttMessage({self.topic!r}, {len(self.payload)} bytes, qos={self.qos}, retain={self.retain})"
+
 
 class AsyncMqttClient:
+    """One MQTT connection, kept up in the background. Use from one event loop only.
+
+    ``on_message(msg)`` and ``on_connection(up)`` are called on the loop; both may be replaced
+    before :meth:`start`. ``sleep`` and ``rng`` are there so tests control time and jitter.
+    """
+
     def __init__(
         self,
         url: str,
         *,
         client_id: str | None = None,
-        protocol: str = "5",
+        protocol: MqttProtocol = "5",
         clean_start: bool = False,
         session_expiry: int = 3600,
         keepalive: int = 30,
-        tls: mqttcompat.TlsFiles | None = None,
+        tls: TlsFiles | None = None,
         username: str | None = None,
         password: str | None = None,
         manual_ack: bool = False,
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
-        will: tuple[str, bytes, int, bool] | None = None,
+        will: Will | None = None,
         max_inflight: int = 20,
         connect_timeout: float = 10.0,
+        stable_after: float = 10.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         self.host, self.port, use_tls = parse_broker_url(url)
         if use_tls and tls is None:
-            tls = mqttcompat.TlsFiles()
+            tls = TlsFiles()  # the system's CA store
+        if tls is not None and not use_tls:
+            raise ConfigError(f"TLS files given but {url!r} is not mqtts://", "broker.url")
+        if not 0 <= session_expiry < 2**32:
+            raise ConfigError("session expiry must be 0..2^32-1 seconds", "broker.session_expiry")
+        if not 0 < keepalive <= 65535:
+            raise ConfigError("keepalive must be 1..65535 seconds", "broker.keepalive")
         self.url = url
         self.client_id = client_id or f"edgeloop-{uuid.uuid4().hex[:12]}"
-        self.protocol = protocol
+        self.protocol: MqttProtocol = protocol
         self.keepalive = keepalive
         self.clean_start = clean_start
         self.session_expiry = session_expiry
         self.manual_ack = manual_ack and mqttcompat.supports_manual_ack()
         self.connect_timeout = connect_timeout
+        self.stable_after = stable_after
+        self.backoff = Backoff(backoff_min, backoff_max, rng or random.Random())
         self._paho = mqttcompat.make_client(
             self.client_id,
             protocol=protocol,
@@ -120,9 +200,9 @@ class AsyncMqttClient:
             username=username,
             password=password,
             max_inflight=max_inflight,
+            will=will,
+            connect_timeout=connect_timeout,
         )
-        if will is not None:
-            self._paho.will_set(will[0], will[1], qos=will[2], retain=will[3])
         mqttcompat.bind(
             self._paho,
             mqttcompat.Callbacks(
@@ -133,87 +213,141 @@ class AsyncMqttClient:
         self._paho.on_socket_close = self._on_socket_close
         self._paho.on_socket_register_write = self._on_register_write
         self._paho.on_socket_unregister_write = self._on_unregister_write
-        self.backoff = Backoff(backoff_min, backoff_max)
+        self._sleep = sleep
+        #: topic filter → QoS, (re)subscribed on every connect.
         self.subscriptions: dict[str, int] = {}
         self.on_message: Callable[[MqttMessage], None] = lambda m: None
         self.on_connection: Callable[[bool], None] = lambda up: None
+        #: Why the last connect attempt failed (None after a success).
+        self.last_error: str | None = None
+        #: Successful connects so far; ``session_present`` of the latest.
+        self.connects = 0
+        self.session_present = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._pending: dict[int, asyncio.Future[None]] = {}
-        self._sub_pending: dict[int, asyncio.Future[None]] = {}
+        self._sub_pending: dict[int, asyncio.Future[list[str]]] = {}
+        self._sub_topics: dict[int, list[str]] = {}
+        self._connack: asyncio.Future[tuple[bool, str, bool]] | None = None
         self._connected = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._disconnected.set()
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._sock: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._connect_job: concurrent.futures.Future[None] | None = None
+        self._misc: asyncio.TimerHandle | None = None
+        self._fd = -1
+        self._generation = 0
         self._running = False
-        self._ever_connected = False
-        self.last_error: str | None = None
 
     # ------------------------------------------------------------------ public API
 
     @property
     def connected(self) -> bool:
+        """True from the SUBACK of the (re)subscription after a CONNACK until the link drops."""
         return self._connected.is_set()
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
-        """Register a subscription; it is (re)made on every connect."""
+        """Register a subscription; made now if connected, and again on every connect."""
+        if qos not in (0, 1, 2):
+            raise ValueError(f"QoS must be 0, 1 or 2, not {qos!r}")
         self.subscriptions[topic] = qos
         if self.connected:
-            rc, _ = self._paho.subscribe(topic, qos)
-            if rc != mqtt.MQTT_ERR_SUCCESS:
-                logger.warning("%s: subscribe %s failed: %s", self.client_id, topic, mqtt.error_string(rc))
+            try:
+                mid = mqttcompat.subscribe_many(self._paho, [(topic, qos)], self.protocol)
+            except (TransportError, ValueError) as exc:
+                logger.warning("%s: subscribe %s failed: %s (retried on the next connect)", self.client_id, topic, exc)
+                return
+            self._sub_topics[mid] = [topic]
+
+    def unsubscribe(self, topic: str) -> None:
+        if self.subscriptions.pop(topic, None) is not None and self.connected:
+            self._paho.unsubscribe(topic)
 
     async def start(self) -> None:
-        """Begin connecting in the background; return at once."""
+        """Begin connecting in the background (forever, with backoff); return at once."""
         if self._running:
             return
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._running = True
-        self._tasks = [
-            asyncio.create_task(self._connection_loop(), name=f"mqtt:{self.client_id}:connect"),
-            asyncio.create_task(self._misc_loop(), name=f"mqtt:{self.client_id}:misc"),
-        ]
+        self._task = asyncio.create_task(self._connection_loop(), name=f"mqtt:{self.client_id}")
+        self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
 
-    async def wait_connected(self) -> None:
-        await self._connected.wait()
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until connected; TransportError (with the last connect error) after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
+        except TimeoutError:
+            why = f": {self.last_error}" if self.last_error else ""
+            raise TransportError(f"not connected to {self.url} within {timeout:g} s{why}") from None
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Disconnect cleanly (no will) and stop reconnecting."""
-        if not self._running:
+    async def close(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (the broker keeps the session, sends no will) and stop reconnecting."""
+        if self._task is None:
             return
         self._running = False
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+        job = self._connect_job
+        if job is not None and not job.done():  # a connect still in the worker: let it finish first
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.wrap_future(job), self.connect_timeout + 1)
         if self.connected:
             self._paho.disconnect()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._disconnected.wait(), timeout)
-        self._drop_socket()
-        self._fail_pending("client stopped")
-        self._connected.clear()
+                async with asyncio.timeout(timeout):
+                    await self._disconnected.wait()
+        mqttcompat.close_socket(self._paho)
+        if self.connected:  # DISCONNECT not written in time: the socket is closed all the same
+            self._on_disconnect("closed")
         self._disconnected.set()
+        self._fail_pending("client closed")
+        logger.debug("%s: closed", self.client_id)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Same as :meth:`close`."""
+        await self.close(timeout)
+
+    async def __aenter__(self) -> AsyncMqttClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
 
     async def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 30.0
     ) -> None:
-        """Publish; for QoS 1 return when the broker acknowledged (TransportError on refusal or loss)."""
+        """Publish; for QoS 1 and 2 return when the broker acknowledged it.
+
+        Raises TransportError when not connected, when the link drops before the
+        acknowledgement, after ``timeout``, or when an MQTT 5 broker refuses the message
+        (PUBACK reason code >= 0x80).
+        """
         if not self.connected:
             raise TransportError(f"not connected to {self.url}")
-        info = self._paho.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        try:
+            info = self._paho.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:  # bad topic (wildcards, empty), payload too large, bad QoS
+            raise TransportError(f"cannot publish to {topic!r}: {exc}") from exc
+        mqttcompat.check_rc(info.rc, f"publish to {topic}")
         if qos == 0:
             return
         assert self._loop is not None
-        fut = self._loop.create_future()
+        fut: asyncio.Future[None] = self._loop.create_future()
         self._pending[info.mid] = fut
         try:
             async with asyncio.timeout(timeout):
                 await fut
         except TimeoutError:
-            raise TransportError(f"no PUBACK for {topic} within {timeout:g} s") from None
+            raise TransportError(f"no acknowledgement for {topic} within {timeout:g} s") from None
         finally:
             self._pending.pop(info.mid, None)
 
@@ -221,87 +355,127 @@ class AsyncMqttClient:
 
     async def _connection_loop(self) -> None:
         assert self._loop is not None
+        failures = 0
         while self._running:
             try:
                 await self._connect_once()
-            except (OSError, TransportError, ValueError, TimeoutError) as exc:
+            except TransportError as exc:
                 self.last_error = str(exc)
-                self._drop_socket()
+                failures += 1
                 delay = self.backoff.next()
-                log = logger.info if self._ever_connected else logger.debug
-                log("%s: cannot reach %s (%s); retrying in %.1f s", self.client_id, self.url, exc, delay)
-                await asyncio.sleep(delay)
+                log = logger.warning if failures == 1 else logger.info
+                log("%s: %s (attempt %d); retrying in %.2f s", self.client_id, exc, failures, delay)
+                await self._sleep(delay)
                 continue
-            # wait for this connection to end, then back off before reconnecting
+            failures = 0
+            up_at = self._loop.time()
             await self._disconnected.wait()
-            if self._running:
-                await asyncio.sleep(self.backoff.next())
+            if not self._running:
+                return
+            # A connection that dies at once (a duplicate client id, a broker that kicks us) must
+            # not reset the backoff, or two clients would take the session from each other forever.
+            if self._loop.time() - up_at >= self.stable_after:
+                self.backoff.reset()
+            delay = self.backoff.next()
+            logger.info("%s: reconnecting to %s in %.2f s", self.client_id, self.url, delay)
+            await self._sleep(delay)
 
     async def _connect_once(self) -> None:
+        assert self._loop is not None
+        mqttcompat.close_socket(self._paho)  # leftovers close here, on the loop, not in the worker
         self._disconnected.clear()
-        self._connack: asyncio.Future[tuple[bool, str]] = self._loop.create_future()  # type: ignore[union-attr]
-        props = mqttcompat.connect_properties(self.protocol, self.session_expiry)
-        kwargs: dict[str, Any] = {"keepalive": self.keepalive}
-        if self.protocol == "5":
-            kwargs["clean_start"] = self.clean_start
-            kwargs["properties"] = props
-        # A blocking connect() to a loopback or LAN broker returns at once; the socket then
-        # belongs to the event loop through the hooks below.
-        self._paho.connect(self.host, self.port, **kwargs)
+        self._connack = self._loop.create_future()
+        connect = functools.partial(
+            mqttcompat.connect,
+            self._paho,
+            self.host,
+            self.port,
+            keepalive=self.keepalive,
+            protocol=self.protocol,
+            clean_start=self.clean_start,
+            session_expiry=self.session_expiry,
+        )
         try:
-            ok, reason = await asyncio.wait_for(self._connack, self.connect_timeout)
+            self._connect_job = _pool().submit(connect)
+            await asyncio.wrap_future(self._connect_job)
+            async with asyncio.timeout(self.connect_timeout):
+                ok, reason, session_present = await self._connack
+            if not ok:
+                raise TransportError(f"{self.url} refused the connection: {reason}")
+            await self._resubscribe()
         except TimeoutError:
-            self._paho.disconnect()
-            self._disconnected.set()
-            raise TransportError(f"no CONNACK from {self.url} within {self.connect_timeout:g} s") from None
-        if not ok:
-            self._disconnected.set()
-            raise TransportError(f"broker refused the connection: {reason}")
-        subs = list(self.subscriptions.items())
-        if subs:
-            if self.protocol == "5":
-                from paho.mqtt.subscribeoptions import SubscribeOptions
-
-                rc, mid = self._paho.subscribe([(t, SubscribeOptions(qos=q)) for t, q in subs])
-            else:
-                rc, mid = self._paho.subscribe(subs)
-            if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
-                raise TransportError(f"subscribe failed: {mqtt.error_string(rc)}")
-            fut = self._loop.create_future()  # type: ignore[union-attr]
-            self._sub_pending[mid] = fut
-            try:
-                await asyncio.wait_for(fut, self.connect_timeout)
-            except TimeoutError:
-                raise TransportError("no SUBACK within the connect timeout") from None
-            finally:
-                self._sub_pending.pop(mid, None)
-        self.backoff.reset()
-        self._ever_connected = True
+            self._abandon_connection()
+            raise TransportError(f"no answer from {self.url} within {self.connect_timeout:g} s") from None
+        except TransportError:
+            self._abandon_connection()
+            raise
+        finally:
+            self._connect_job = None
+            self._connack = None
+        if self.connects and not session_present and not self.clean_start:
+            logger.info("%s: %s kept no session for us; anything queued while away is gone", self.client_id, self.url)
+        self.connects += 1
+        self._generation += 1
+        self.session_present = session_present
+        self.last_error = None
         self._connected.set()
-        logger.info("%s: connected to %s", self.client_id, self.url)
-        self.on_connection(True)
+        logger.info(
+            "%s: connected to %s (MQTT %s, session %s)",
+            self.client_id,
+            self.url,
+            self.protocol,
+            "resumed" if session_present else "new",
+        )
+        self._notify(True)
 
-    async def _misc_loop(self) -> None:
-        while self._running:
-            await asyncio.sleep(1.0)
-            if self._sock is not None:
-                self._paho.loop_misc()
+    async def _resubscribe(self) -> None:
+        subs = list(self.subscriptions.items())
+        if not subs:
+            return
+        assert self._loop is not None
+        mid = mqttcompat.subscribe_many(self._paho, subs, self.protocol)
+        fut: asyncio.Future[list[str]] = self._loop.create_future()
+        self._sub_pending[mid] = fut
+        self._sub_topics[mid] = [t for t, _ in subs]
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await fut
+        finally:
+            self._sub_pending.pop(mid, None)
 
-    # ------------------------------------------------------------------ paho callbacks (loop thread)
+    def _abandon_connection(self) -> None:
+        mqttcompat.close_socket(self._paho)
+        self._disconnected.set()
+
+    def _tick(self) -> None:
+        if self._connect_job is None and self._fd >= 0:
+            self._paho.loop_misc()
+        if self._running and self._loop is not None:
+            self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
+
+    def _notify(self, up: bool) -> None:
+        try:
+            self.on_connection(up)
+        except Exception:  # a handler bug must not break the connection loop
+            logger.exception("%s: connection handler failed", self.client_id)
+
+    # ------------------------------------------------------------------ paho callbacks (on the loop)
 
     def _on_connect(self, ok: bool, reason: str, session_present: bool) -> None:
-        fut = getattr(self, "_connack", None)
+        fut = self._connack
         if fut is not None and not fut.done():
-            fut.set_result((ok, reason))
+            fut.set_result((ok, reason, session_present))
 
     def _on_disconnect(self, reason: str) -> None:
         was = self.connected
         self._connected.clear()
         self._disconnected.set()
-        self._fail_pending(f"connection lost ({reason})")
+        self._fail_pending(f"connection to {self.url} lost ({reason}); resend")
         if was:
-            logger.info("%s: disconnected from %s: %s", self.client_id, self.url, reason)
-            self.on_connection(False)
+            (logger.info if not self._running else logger.warning)(
+                "%s: disconnected from %s: %s", self.client_id, self.url, reason
+            )
+            self._notify(False)
 
     def _on_publish(self, mid: int, ok: bool, reason: str) -> None:
         fut = self._pending.get(mid)
@@ -310,79 +484,96 @@ class AsyncMqttClient:
         if ok:
             fut.set_result(None)
         else:
-            fut.set_exception(TransportError(f"broker refused the publish: {reason}"))
+            fut.set_exception(TransportError(f"the broker refused the message: {reason}"))
 
-    def _on_subscribe(self, mid: int, ok: bool, reason: str) -> None:
-        if not ok:
-            logger.warning("%s: subscription refused: %s", self.client_id, reason)
+    def _on_subscribe(self, mid: int, refused: list[str]) -> None:
+        topics = self._sub_topics.pop(mid, [])
+        if refused:
+            logger.warning("%s: subscription to %s refused: %s", self.client_id, ", ".join(topics), ", ".join(refused))
         fut = self._sub_pending.get(mid)
         if fut is not None and not fut.done():
-            fut.set_result(None)
+            fut.set_result(refused)
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        props: dict[str, str] = {}
-        p = getattr(msg, "properties", None)
-        if p is not None and getattr(p, "UserProperty", None):
-            props = {str(k): str(v) for k, v in p.UserProperty}
         ack: Callable[[], None] | None = None
         if self.manual_ack and msg.qos > 0:
-            mid, qos = msg.mid, msg.qos
-
-            def ack() -> None:
-                self._paho.ack(mid, qos)
-
-        m = MqttMessage(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), props, msg.mid, ack)
+            ack = functools.partial(self._ack, msg.mid, msg.qos, self._generation)
+        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        m = MqttMessage(msg.topic, payload, msg.qos, bool(msg.retain), msg.mid, raw=msg, ack=ack)
         try:
             self.on_message(m)
         except Exception:  # a handler bug must not kill the connection
             logger.exception("%s: message handler failed on %s", self.client_id, msg.topic)
 
+    def _ack(self, mid: int, qos: int, generation: int) -> None:
+        if generation != self._generation or not self.connected:
+            logger.debug(
+                "%s: ack of message %d skipped: the link dropped since; it will be redelivered", self.client_id, mid
+            )
+            return
+        rc = self._paho.ack(mid, qos)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            logger.debug("%s: ack of message %d not sent: %s", self.client_id, mid, mqttcompat.error_string(rc))
+
     def _fail_pending(self, why: str) -> None:
         for fut in list(self._pending.values()):
             if not fut.done():
                 fut.set_exception(TransportError(why))
-        for fut in list(self._sub_pending.values()):
-            if not fut.done():
-                fut.set_exception(TransportError(why))
-        c = getattr(self, "_connack", None)
+        for sub in list(self._sub_pending.values()):
+            if not sub.done():
+                sub.set_exception(TransportError(why))
+        c = self._connack
         if c is not None and not c.done():
-            c.set_result((False, why))
+            c.set_result((False, why, False))
 
     # ------------------------------------------------------------------ socket hooks
 
-    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._sock = sock
-        self._loop.add_reader(sock, self._read)
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on the loop: now when paho calls from it, soon when from a connect worker."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        elif self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                self._loop.call_soon_threadsafe(fn, *args)
 
-    def _read(self) -> None:
-        rc = self._paho.loop_read()
-        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN) and self._sock is not None:
-            # paho calls on_disconnect itself for a closed connection; make sure the socket is gone.
-            self._drop_socket()
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._call(self._attach, sock)
 
     def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(sock)
-                self._loop.remove_writer(sock)
-        if sock is self._sock:
-            self._sock = None
+        # Always called on the loop (connects close leftovers before handing over to a worker).
+        self._detach()
 
     def _on_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.add_writer(sock, self._paho.loop_write)
+        self._call(self._want_write, sock)
 
     def _on_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_writer(sock)
+        self._call(self._no_write, sock)
 
-    def _drop_socket(self) -> None:
-        sock = self._sock
-        if sock is None or self._loop is None:
+    def _attach(self, sock: Any) -> None:
+        fd: int = sock.fileno()
+        if self._loop is None or fd < 0 or self._paho.socket() is not sock:
+            return  # closed before the loop got to it
+        self._detach()
+        self._fd = fd
+        self._loop.add_reader(fd, self._read)
+
+    def _detach(self) -> None:
+        if self._fd < 0 or self._loop is None:
             return
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(sock)
-            self._loop.remove_writer(sock)
-        self._sock = None
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._fd = -1
+
+    def _want_write(self, sock: Any) -> None:
+        if self._loop is not None and self._fd >= 0 and self._paho.socket() is sock:
+            self._loop.add_writer(self._fd, self._write)
+
+    def _no_write(self, sock: Any) -> None:
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_writer(self._fd)
+
+    def _read(self) -> None:
+        self._paho.loop_read()  # a lost connection calls on_socket_close and on_disconnect itself
+
+    def _write(self) -> None:
+        self._paho.loop_write()
