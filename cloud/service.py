@@ -21,7 +21,7 @@ from cloud.trainer import Trainer
 from runtime.artifacts import load_private_key
 from runtime.errors import EdgeloopError
 from runtime.mqttclient import AsyncMqttClient, MqttMessage
-from runtime.protocol import DesiredState, topic
+from runtime.protocol import Ack, DesiredState, topic
 
 __all__ = ["CloudService"]
 
@@ -58,7 +58,8 @@ class CloudService:
         self.trainer = Trainer(self.store, self.registry, settings.retrain, settings.fleet, emit=self._emit)
         self.acks_sent = 0
         self._commit_lock = asyncio.Lock()
-        self._writing: asyncio.Future[list[Any]] | None = None
+        self._writing: asyncio.Future[list[Ack]] | None = None
+        self._ack_tasks: set[asyncio.Task[int]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -85,6 +86,8 @@ class CloudService:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ack_tasks:
+            await asyncio.wait(self._ack_tasks, timeout=5.0)
         await self._write_done()
         with contextlib.suppress(EdgeloopError):
             await asyncio.to_thread(self._commit_sync)
@@ -124,23 +127,34 @@ class CloudService:
         if w is not None and w.done() and not w.cancelled():
             w.exception()  # retrieved: its commit() already reported it, or was cancelled
 
-    async def commit(self) -> int:
-        """Store what is pending (one transaction) and publish the acks; return acks sent.
+    async def _store_pending(self) -> list[Ack]:
+        """Store what is pending in one transaction; return the acks to publish.
 
-        The store write runs in a worker thread, so the event loop goes on reading and decoding
-        the next messages meanwhile (SQLite and psycopg release the GIL while they work).
+        SQLite writes inline (short, local; and sqlite3 takes the GIL back for every row, so a
+        worker thread would only convoy with the decoding here). PostgreSQL writes in a worker
+        thread: the server does the work, the loop goes on decoding, and a slow network cannot
+        stall the loop.
         """
         async with self._commit_lock:
             await self._write_done()
             if not self.ingester.pending:
-                return 0
-            self._writing = asyncio.ensure_future(asyncio.to_thread(self.ingester.write, self.ingester.take()))
-            acks = await asyncio.shield(self._writing)
+                return []
+            taken = self.ingester.take()
+            if self.store.dialect == "sqlite":
+                return self.ingester.write(taken)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self.ingester.write, taken))
+            return await asyncio.shield(self._writing)
+
+    async def _send_acks(self, acks: list[Ack]) -> int:
         sends = [self.client.publish(topic(self.settings.fleet, a.device, "ack"), a.to_bytes(), qos=1) for a in acks]
         results = await asyncio.gather(*sends, return_exceptions=True)
         ok = sum(1 for r in results if not isinstance(r, BaseException))
         self.acks_sent += ok
         return ok
+
+    async def commit(self) -> int:
+        """Store what is pending (one transaction) and publish the acks; return acks sent."""
+        return await self._send_acks(await self._store_pending())
 
     async def _ingest_loop(self) -> None:
         delay = self.settings.ingest_delay
@@ -150,13 +164,21 @@ class CloudService:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                await self.commit()
+                acks = await self._store_pending()
             except EdgeloopError as exc:
                 logger.error("ingest commit failed (devices will resend): %s", exc)
                 await asyncio.sleep(1.0)
+                continue
             except Exception:  # a bug must not stop ingest: nothing unacknowledged is lost
                 logger.exception("ingest commit crashed (devices will resend)")
                 await asyncio.sleep(1.0)
+                continue
+            if acks:
+                # Not awaited here: the PUBACKs queue behind every message the broker is sending us,
+                # so waiting for them would hold the next commit until the backlog is read.
+                t = asyncio.create_task(self._send_acks(acks), name="cloud:acks")
+                self._ack_tasks.add(t)
+                t.add_done_callback(self._ack_tasks.discard)
 
     # ------------------------------------------------------------------ desired state
 
