@@ -7,6 +7,7 @@ import logging
 import os
 import ssl
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -45,11 +46,14 @@ def download(
     allowed_schemes: tuple[str, ...],
     timeout: float,
     ca_file: Path | None = None,
+    total_timeout: float | None = None,
 ) -> Path:
     """Download ``url`` into a new file under ``dest_dir``; check size and sha256 while streaming.
 
-    Blocking: the caller runs it in a worker thread. ``timeout`` bounds each socket operation;
-    the caller bounds the whole download. Raises UpdateError with the reason on any failure.
+    Blocking: the caller runs it in a worker thread. ``timeout`` bounds each socket operation and
+    ``total_timeout`` (default twice ``timeout``, as long as the reconciler waits) the whole
+    download, so a server that drips a byte now and then cannot keep the thread forever.
+    Raises UpdateError with the reason on any failure.
     """
     scheme = urlsplit(url).scheme
     if scheme not in allowed_schemes:
@@ -65,11 +69,13 @@ def download(
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix="download.", suffix=".part")
     h = hashlib.sha256()
     got = 0
+    deadline = time.monotonic() + (2 * timeout if total_timeout is None else total_timeout)
     try:
         with os.fdopen(fd, "wb") as out:
             try:
                 resp = opener.open(url, timeout=timeout)
             except urllib.error.HTTPError as exc:
+                exc.close()  # it holds the response's socket
                 raise UpdateError(f"download failed: HTTP {exc.code} {exc.reason}") from None
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 reason = getattr(exc, "reason", exc)
@@ -78,13 +84,17 @@ def download(
                 length = resp.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) > max_bytes:
                     raise UpdateError(f"artifact of {length} bytes exceeds the cap of {max_bytes}")
+                # read1: return what has arrived, so the deadline is checked while a server drips
+                read = getattr(resp, "read1", resp.read)
                 while True:
                     try:
-                        chunk = resp.read(_CHUNK)
+                        chunk = read(_CHUNK)
                     except (OSError, ValueError) as exc:
                         raise UpdateError(f"download interrupted after {got} bytes: {exc}") from None
                     if not chunk:
                         break
+                    if time.monotonic() > deadline:
+                        raise UpdateError(f"download timed out after {got} bytes")
                     got += len(chunk)
                     if got > max_bytes or got > expected_size:
                         raise UpdateError(f"artifact is larger than the {min(max_bytes, expected_size)} bytes expected")
