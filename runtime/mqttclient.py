@@ -415,7 +415,6 @@ class AsyncMqttClient:
         if self.connects and not session_present and not self.clean_start:
             logger.info("%s: %s kept no session for us; anything queued while away is gone", self.client_id, self.url)
         self.connects += 1
-        self._generation += 1
         self.session_present = session_present
         self.last_error = None
         self._connected.set()
@@ -467,6 +466,8 @@ class AsyncMqttClient:
     # ------------------------------------------------------------------ paho callbacks (on the loop)
 
     def _on_connect(self, ok: bool, reason: str, session_present: bool) -> None:
+        if ok:  # a resumed session redelivers at once, before our SUBACK: acks count from here
+            self._generation += 1
         fut = self._connack
         if fut is not None and not fut.done():
             fut.set_result((ok, reason, session_present))
@@ -474,8 +475,12 @@ class AsyncMqttClient:
     def _on_disconnect(self, reason: str) -> None:
         was = self.connected
         self._connected.clear()
+        self._generation += 1  # acks of messages from the lost connection are void
+        dropped = mqttcompat.drop_unacknowledged(self._paho)
+        self._fail_pending(f"connection to {self.url} lost ({reason})")
         self._disconnected.set()
-        self._fail_pending(f"connection to {self.url} lost ({reason}); resend")
+        if dropped:
+            logger.debug("%s: %d unacknowledged messages failed back to their senders", self.client_id, dropped)
         if was:
             (logger.info if not self._running else logger.warning)(
                 "%s: disconnected from %s: %s", self.client_id, self.url, reason
@@ -512,7 +517,7 @@ class AsyncMqttClient:
             logger.exception("%s: message handler failed on %s", self.client_id, msg.topic)
 
     def _ack(self, mid: int, qos: int, generation: int) -> None:
-        if generation != self._generation or not self.connected:
+        if generation != self._generation:
             logger.debug(
                 "%s: ack of message %d skipped: the link dropped since; it will be redelivered", self.client_id, mid
             )
@@ -530,7 +535,7 @@ class AsyncMqttClient:
                 sub.set_exception(TransportError(why))
         c = self._connack
         if c is not None and not c.done():
-            c.set_result((False, why, False))
+            c.set_exception(TransportError(why))
 
     # ------------------------------------------------------------------ socket hooks
 

@@ -42,6 +42,7 @@ __all__ = [
     "bind",
     "check_rc",
     "connect",
+    "drop_unacknowledged",
     "error_string",
     "make_client",
     "close_socket",
@@ -248,6 +249,19 @@ def close_socket(client: mqtt.Client) -> None:
     ``_reset_sockets`` is the same in 1.6.1 and 2.x.
     """
     client._reset_sockets()
+
+
+def drop_unacknowledged(client: mqtt.Client) -> int:
+    """Forget the outgoing messages paho would resend after a reconnect; return how many.
+
+    Their callers were told the link dropped and resend them themselves — two resends would
+    double the traffic after every outage and queue new messages behind stale ones.
+    """
+    with client._out_message_mutex:
+        n = len(client._out_messages)
+        client._out_messages.clear()
+        client._inflight_messages = 0
+    return n
 
 
 def error_string(rc: int) -> str:
