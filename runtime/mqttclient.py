@@ -187,6 +187,7 @@ class AsyncMqttClient:
         self.keepalive = keepalive
         self.clean_start = clean_start
         self.session_expiry = session_expiry
+        #: Messages wait for MqttMessage.ack() (paho 2.x only; 1.6.1 acknowledges on arrival)
         self.manual_ack = manual_ack and mqttcompat.supports_manual_ack()
         self.connect_timeout = connect_timeout
         self.stable_after = stable_after
@@ -195,7 +196,7 @@ class AsyncMqttClient:
             self.client_id,
             protocol=protocol,
             clean_start=clean_start,
-            manual_ack=self.manual_ack,
+            manual_ack=manual_ack,  # warns once under paho 1.6.1, which has none
             tls=tls,
             username=username,
             password=password,
