@@ -15,9 +15,9 @@ from brokers import Broker, BrokerTls, Pki
 
 from runtime.errors import ConfigError, TransportError
 from runtime.mqttclient import AsyncMqttClient, Backoff, MqttMessage, parse_broker_url
-from runtime.mqttcompat import TlsFiles
+from runtime.mqttcompat import MqttProtocol, TlsFiles
 
-FAST = {"backoff_min": 0.05, "backoff_max": 0.2}
+FAST: dict[str, Any] = {"backoff_min": 0.05, "backoff_max": 0.2}
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
@@ -147,7 +147,9 @@ def test_a_silent_broker_never_stalls_the_event_loop(pki: Pki) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_a_thousand_qos1_publishes_all_arrive_exactly_once(machine_broker: str, unique_id: str, protocol: str) -> None:
+def test_a_thousand_qos1_publishes_all_arrive_exactly_once(
+    machine_broker: str, unique_id: str, protocol: MqttProtocol
+) -> None:
     topic = f"edgeloop-test/{unique_id}/n"
 
     async def go() -> None:
@@ -266,7 +268,7 @@ def test_broker_killed_mid_stream_fails_pending_then_reconnects_and_resubscribes
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_an_unacknowledged_message_is_redelivered_in_the_next_session(
-    private_broker: Broker, unique_id: str, protocol: str
+    private_broker: Broker, unique_id: str, protocol: MqttProtocol
 ) -> None:
     """manual_ack (paho 2.x): nothing is acknowledged until the consumer says so."""
     topic = f"edgeloop/f{unique_id}/d/readings"
