@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from chaos.faultkit import linear_onnx, onnx_manifest, relu_onnx
+from chaos.faultkit import linear_onnx, onnx_manifest, relu_onnx, report
 from helpers_device import linear_manifest, settings
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -45,7 +45,7 @@ def _report_cases() -> Iterator[None]:
     yield
     total = sum(CASES.values())
     detail = ", ".join(f"{k} {v}" for k, v in sorted(CASES.items()))
-    print(f"\nfuzz cases run: {total} ({detail})")
+    report(f"fuzz cases run: {total} ({detail})")
 
 
 # --------------------------------------------------------------------------- valid samples to mutate
@@ -500,7 +500,7 @@ def test_ingester_every_integer_at_the_storage_boundary(name: str, value: int, t
         ),
     )
 )
-def test_ingester_topics(tmp_path_factory: pytest.TempPathFactory, topic: str) -> None:
+def test_ingester_topics(topic: str) -> None:
     from cloud.ingest import Ingester
 
     CASES["ingest:topic"] += 1

@@ -31,17 +31,28 @@ from runtime.config import dump_toml
 from runtime.protocol import ArtifactRef, ModelManifest
 
 __all__ = [
+    "FIGURES",
     "REPO",
     "FaultServer",
     "daemon_process",
     "linear_onnx",
     "onnx_manifest",
     "relu_onnx",
+    "report",
     "stored_seqs",
     "write_device_config",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
+#: Figures the chaos and fuzz tests print; ``tests/chaos/conftest.py`` repeats them in the terminal
+#: summary so a CI log shows them without ``-s``.
+FIGURES: list[str] = []
+
+
+def report(line: str) -> None:
+    """Print a figure line and keep it for the end-of-run summary."""
+    print(f"\n{line}")
+    FIGURES.append(line)
 
 
 # --------------------------------------------------------------------------- ONNX models

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from brokers import MosquittoBroker, require_service
-from chaos.faultkit import REPO, stored_seqs
+from chaos.faultkit import REPO, report, stored_seqs
 from helpers_cloud import cloud_settings, start_cloud
 from helpers_device import linear_manifest, settings, until
 
@@ -135,8 +135,8 @@ def test_broker_drops_acknowledged_messages_cloud_acks_lose_nothing(tmp_path: Pa
             store.close()
     drops = figures["broker dropped"]
     lost, dup, accepted = figures["lost"], figures["duplicated"], figures["accepted"]
-    print(
-        f"\ndropping broker: cloud stalled {stall:g} s with max_queued_messages 5; the broker dropped {drops} "
+    report(
+        f"dropping broker: cloud stalled {stall:g} s with max_queued_messages 5; the broker dropped {drops} "
         f"acknowledged messages ($SYS); accepted {accepted}; lost {lost}; duplicated {dup}"
     )
     assert isinstance(drops, int) and drops > 0, "the broker never dropped anything: the fault was not injected"
@@ -199,7 +199,7 @@ def test_long_outage_overruns_the_outbox_cap_with_exact_drop_counts(
         return {"accepted": accepted, "stored": len(seqs), "dropped": dropped}
 
     f = asyncio.run(asyncio.wait_for(go(), 120))
-    print(
-        f"\noutbox overrun: cap {cap} rows; accepted {f['accepted']}, stored {f['stored']}, dropped {f['dropped']} "
+    report(
+        f"outbox overrun: cap {cap} rows; accepted {f['accepted']}, stored {f['stored']}, dropped {f['dropped']} "
         f"(stored + dropped = {f['stored'] + f['dropped']}); lost beyond the counted drops 0"
     )

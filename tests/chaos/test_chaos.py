@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from brokers import MosquittoBroker
-from chaos.faultkit import daemon_process, stored_seqs, write_device_config
+from chaos.faultkit import daemon_process, report, stored_seqs, write_device_config
 from helpers_cloud import cloud_settings
 from helpers_device import linear_manifest, settings, until
 
@@ -274,8 +274,8 @@ def test_fleet_of_20_under_broker_daemon_and_cloud_faults(tmp_path: Path, fleet_
                 p.proc.wait()
         broker.stop()
     injected = sum(faults.values())
-    print(
-        f"\nchaos fleet: {figures['devices']} devices, {figures['stream seconds']} s of streaming; "
+    report(
+        f"chaos fleet: {figures['devices']} devices, {figures['stream seconds']} s of streaming; "
         f"faults injected {injected} ({', '.join(f'{k} {v}' for k, v in faults.items())}); {figures['model update']}; "
         f"records accepted {figures['accepted']}, checked {figures['checked']}, lost {figures['lost']}, "
         f"duplicated {figures['duplicated']}; redeliveries the store ignored {figures['dedup_hits']}; "

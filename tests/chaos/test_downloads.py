@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from chaos.faultkit import FaultServer, linear_onnx, onnx_manifest
+from chaos.faultkit import FaultServer, linear_onnx, onnx_manifest, report
 from helpers_device import desired, linear_manifest, settings, until
 
 from runtime.daemon import Daemon
@@ -112,4 +112,4 @@ def test_download_fault_fails_with_reason_old_model_serves_next_applies(
         return elapsed
 
     elapsed = asyncio.run(asyncio.wait_for(go(), 60))
-    print(f"\ndownload fault {fault}: refused after {elapsed:.2f} s ({dict(server.hits)})")
+    report(f"download fault {fault}: refused after {elapsed:.2f} s ({dict(server.hits)})")

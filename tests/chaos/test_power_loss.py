@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from brokers import MosquittoBroker
-from chaos.faultkit import daemon_process, stored_seqs, write_device_config
+from chaos.faultkit import daemon_process, report, stored_seqs, write_device_config
 from helpers_cloud import start_cloud
 from helpers_device import linear_manifest, settings, until
 
@@ -173,8 +173,8 @@ def test_sigkill_at_random_points_of_the_write_path(
     t0 = time.monotonic()
     f = asyncio.run(asyncio.wait_for(go(), 270))
     lost = f["accepted"] - f["stored"] - f["dropped"]
-    print(
-        f"\npower loss: {KILLS_A + KILLS_B} SIGKILLs at random points of the write path (seed {seed}; results "
+    report(
+        f"power loss: {KILLS_A + KILLS_B} SIGKILLs at random points of the write path (seed {seed}; results "
         f"committed at each kill: {[n for _, n in kill_points]}); outbox reopened and integrity-checked {checks} "
         f"times, all ok; lines {written}, accepted {f['accepted']}, stored {f['stored']}, dropped by the cap "
         f"{f['dropped']}, lost {lost}, duplicated {f['duplicated']}; {time.monotonic() - t0:.0f} s"
