@@ -178,7 +178,7 @@ def test_replayed_old_signed_manifest_is_refused_unless_rollback(tmp_path: Path,
         assert not d.store.has(m2.ref)
         up.deliver("desired", desired(m2, "dev-1", rollback=True, rollout="rb"))  # the cloud means it
         await until(lambda: d.pipeline.model_version == 2, 10, "rollback to v2")
-        assert reported(up).update.state == "rolled_back"
+        await until(lambda: reported(up).update.state == "rolled_back", 10, "rolled_back reported")
         # the same version with other (validly signed) content cannot replace what is installed
         twin = linear_manifest(key, 3, weights=(9.0, 9.0))
         with pytest.raises(UpdateError, match="different bundle"):

@@ -42,7 +42,7 @@ from runtime.outbox import Outbox
 KILLS_A = 10
 KILLS_B = 10
 CAP_B = 2000
-CHUNK = 6000  # lines appended before each run
+CHUNK = 6000  # lines appended before each run: enough that most kills land mid-stream
 
 
 def outbox_figures(db: Path) -> dict[str, tuple[int, int, int]] | None:
