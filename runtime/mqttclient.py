@@ -298,6 +298,8 @@ class AsyncMqttClient:
         if job is not None and not job.done():  # a connect still in the worker: let it finish first
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.wrap_future(job), self.connect_timeout + 1)
+            if not job.done():  # a loaded machine: close whatever socket it opens when it is done
+                job.add_done_callback(lambda _f: mqttcompat.close_socket(self._paho))
         if self.connected:
             self._paho.disconnect()
             with contextlib.suppress(TimeoutError):

@@ -93,6 +93,7 @@ class Pki:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._key = ec.generate_private_key(ec.SECP256R1())
+        self._servers: dict[tuple[str, ...], tuple[Path, Path]] = {}
         now = dt.datetime.now(dt.UTC)
         self._cert = (
             x509.CertificateBuilder()
@@ -159,8 +160,13 @@ class Pki:
         return cert_path, key_path
 
     def server(self, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> tuple[Path, Path]:
-        """A server certificate valid for ``hosts`` (subject alternative names)."""
-        return self._issue(hosts[0], "server", server=True, hosts=hosts)
+        """A server certificate valid for ``hosts`` (subject alternative names), issued once: a
+        second issue would rewrite the files under a broker that is still reading them."""
+        cached = self._servers.get(hosts)
+        if cached is None:
+            stem = "server" if not self._servers else f"server-{len(self._servers)}"
+            cached = self._servers[hosts] = self._issue(hosts[0], stem, server=True, hosts=hosts)
+        return cached
 
     def client(self, cn: str) -> tuple[Path, Path]:
         """A client certificate whose common name is ``cn``."""
