@@ -195,10 +195,9 @@ class Ingester:
             self.stats.duplicates += res.duplicates
             for rej in res.rejected:
                 self._invalid(rej.device, rej.stream, rej.reason)
-        for r in p.reported:
-            self.store.update_device_from_reported(r, fleet=f, now=now)
-        for s in p.status:
-            self.store.update_device_from_status(s, fleet=f, now=now)
+        # one transaction each, not one per message: a fleet reconnecting or updating sends 1000s at once
+        self.store.update_devices_from_reported([(r, f) for r in p.reported], now=now)
+        self.store.update_devices_from_status([(s, f) for s in p.status], now=now)
         self.stats.commits += 1
         self.stats.batches += len(p.results)
         return [Ack(device=dev, watermarks=wm) for dev, wm in watermarks.items() if wm]

@@ -389,51 +389,72 @@ class Store(CatalogMixin, ABC):
     ) -> None:
         """Record a ``ReportedState`` (kept in history) and apply it to the device row unless an
         already applied one carries a later device timestamp (retained messages can be stale)."""
+        self.update_devices_from_reported([(reported, fleet)], now=now)
+
+    def update_devices_from_reported(
+        self, items: Sequence[tuple[ReportedState, str | None]], *, now: float | None = None
+    ) -> None:
+        """:meth:`update_device_from_reported` for many ``(reported, fleet)`` in one transaction."""
         now = time.time() if now is None else now
-        r, u = reported, reported.update
+        if not items:
+            return
         with self._tx(write=True) as conn:
-            conn.execute(
-                self._q("INSERT INTO reported (device, received, ts, payload) VALUES (?, ?, ?, ?)"),
-                (r.device, now, r.ts, r.model_dump_json()),
-            )
-            self._touch_device(conn, r.device, fleet or r.fleet, now)
-            conn.execute(
-                self._q(
-                    "UPDATE devices SET grp = ?, model_name = ?, model_version = ?, previous_name = ?, "
-                    "previous_version = ?, update_state = ?, update_version = ?, update_reason = ?, update_at = ?, "
-                    "rollout_id = ?, config_hash = ?, transport = ?, runtime_version = ?, reported_at = ? "
-                    "WHERE id = ? AND (reported_at IS NULL OR reported_at <= ?)"
-                ),
-                (
-                    r.group,
-                    r.active.name if r.active else None,
-                    r.active.version if r.active else None,
-                    r.previous.name if r.previous else None,
-                    r.previous.version if r.previous else None,
-                    u.state,
-                    u.version,
-                    u.reason,
-                    u.at,
-                    u.rollout_id,
-                    r.config_hash,
-                    r.transport,
-                    r.runtime_version,
-                    r.ts,
-                    r.device,
-                    r.ts,
-                ),
-            )
+            for reported, fleet in items:
+                self._apply_reported(conn, reported, fleet, now)
+
+    def _apply_reported(self, conn: Any, reported: ReportedState, fleet: str | None, now: float) -> None:
+        r, u = reported, reported.update
+        conn.execute(
+            self._q("INSERT INTO reported (device, received, ts, payload) VALUES (?, ?, ?, ?)"),
+            (r.device, now, r.ts, r.model_dump_json()),
+        )
+        self._touch_device(conn, r.device, fleet or r.fleet, now)
+        conn.execute(
+            self._q(
+                "UPDATE devices SET grp = ?, model_name = ?, model_version = ?, previous_name = ?, "
+                "previous_version = ?, update_state = ?, update_version = ?, update_reason = ?, update_at = ?, "
+                "rollout_id = ?, config_hash = ?, transport = ?, runtime_version = ?, reported_at = ? "
+                "WHERE id = ? AND (reported_at IS NULL OR reported_at <= ?)"
+            ),
+            (
+                r.group,
+                r.active.name if r.active else None,
+                r.active.version if r.active else None,
+                r.previous.name if r.previous else None,
+                r.previous.version if r.previous else None,
+                u.state,
+                u.version,
+                u.reason,
+                u.at,
+                u.rollout_id,
+                r.config_hash,
+                r.transport,
+                r.runtime_version,
+                r.ts,
+                r.device,
+                r.ts,
+            ),
+        )
 
     def update_device_from_status(self, status: Status, *, fleet: str | None = None, now: float | None = None) -> None:
         """Apply an online/offline ``Status``. Applied in arrival order: a will message's timestamp
         is its connect time, so device timestamps cannot order status messages."""
+        self.update_devices_from_status([(status, fleet)], now=now)
+
+    def update_devices_from_status(
+        self, items: Sequence[tuple[Status, str | None]], *, now: float | None = None
+    ) -> None:
+        """:meth:`update_device_from_status` for many ``(status, fleet)`` in one transaction, in order."""
         now = time.time() if now is None else now
+        if not items:
+            return
         with self._tx(write=True) as conn:
-            self._touch_device(conn, status.device, fleet, now)
-            conn.execute(
-                self._q("UPDATE devices SET online = ?, status_at = ? WHERE id = ?"),
-                (1 if status.state == "online" else 0, now, status.device),
-            )
+            for status, fleet in items:
+                self._touch_device(conn, status.device, fleet, now)
+                conn.execute(
+                    self._q("UPDATE devices SET online = ?, status_at = ? WHERE id = ?"),
+                    (1 if status.state == "online" else 0, now, status.device),
+                )
 
     def update_device_from_telemetry(
         self, telemetry: Telemetry, *, fleet: str | None = None, now: float | None = None
@@ -457,6 +478,17 @@ class Store(CatalogMixin, ABC):
             )
             if cur.rowcount == 0:
                 raise NotFoundError("device", device)
+
+    def set_devices_desired(
+        self, items: Sequence[tuple[str, DesiredState | None]], *, now: float | None = None
+    ) -> None:
+        """:meth:`set_device_desired` for many devices in one transaction (devices not stored are skipped)."""
+        now = time.time() if now is None else now
+        rows = [(d.model_dump_json(by_alias=True) if d is not None else None, now, dev) for dev, d in items]
+        if not rows:
+            return
+        with self._tx(write=True) as conn:
+            self._executemany(conn, "UPDATE devices SET desired = ?, desired_at = ? WHERE id = ?", rows)
 
     def get_device(self, device: str) -> DeviceRecord | None:
         """The device's record, or None when it never sent anything."""
