@@ -107,7 +107,9 @@ def _finite(v: float, what: str = "value") -> float:
 class Wire(BaseModel):
     """Base of every payload: frozen, strict about unknown fields, carries the protocol version."""
 
-    model_config = ConfigDict(regex_engine="python-re", frozen=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    model_config = ConfigDict(
+        regex_engine="python-re", frozen=True, extra="forbid", allow_inf_nan=False, protected_namespaces=()
+    )
     kind: ClassVar[str] = "payload"
 
     v: Literal[1] = PROTOCOL_VERSION
@@ -183,7 +185,11 @@ class ModelManifest(Wire):
 
     model_config = ConfigDict(
         regex_engine="python-re",
-        frozen=True, extra="forbid", allow_inf_nan=False, populate_by_name=True, protected_namespaces=()
+        frozen=True,
+        extra="forbid",
+        allow_inf_nan=False,
+        populate_by_name=True,
+        protected_namespaces=(),
     )
 
     @field_validator("features")
