@@ -10,8 +10,11 @@ For each backend (SQLite, PostgreSQL) and each repetition:
     against ``Store.counts()`` afterwards: every row stored, none twice);
   * the baseline: the same rows, prepared as tuples, inserted with ``executemany`` in one
     transaction with the same driver into an identical ``results`` table (as in
-    ``bench_ingest_store``).
-Then retraining (``train_from_store``, 10% newest held out) on ``--retrain-rows`` stored labelled
+    ``bench_ingest_store``);
+  * for attribution, the service's two halves alone, without a broker: decoding the payloads
+    (``cloud.ingest.decode_results``) and ``Store.ingest`` of the decoded batches, 20 per commit.
+The ratio pairs each service run with the baseline run just before it (load on a shared machine
+drifts); best and median over the pairs. Then retraining (``train_from_store``, 10% newest held out) on ``--retrain-rows`` stored labelled
 rows, measured by ``bench_ingest_store.bench_retrain``. Prints a table and, last, one JSON line.
 """
 
@@ -34,6 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +47,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_ingest_store import COLS, PG_BASE, bench_retrain, make_batches, pg_schema, timed, tuples  # noqa: E402
+from bench_ingest_store import (  # noqa: E402
+    COLS,
+    PG_BASE,
+    bench_retrain,
+    ingest_all,
+    make_batches,
+    pg_schema,
+    timed,
+    tuples,
+)
 
 from cloud.config import CloudSettings, RetrainSettings  # noqa: E402
+from cloud.ingest import decode_results  # noqa: E402
 from cloud.service import CloudService  # noqa: E402
 from cloud.store import open_store  # noqa: E402
 from runtime.artifacts import generate_keypair  # noqa: E402
@@ -289,13 +303,20 @@ async def bench_backend(
         rows = tuples(batches, lambda x: np.asarray(x, dtype=np.float64).tobytes())
     else:
         rows = tuples(batches, list)
-    out: dict[str, Any] = {"baseline_s": [], "service_s": [], "runs": []}
+    payloads = [b.to_bytes() for b in batches]
+    out: dict[str, Any] = {"baseline_s": [], "service_s": [], "runs": [], "decode_s": [], "store_s": []}
     for rep in range(args.repeat):  # interleaved, fresh databases every time
+        # for attribution: the service's two halves alone, no broker (decode; Store.ingest in commits of 20 batches)
+        out["decode_s"].append(timed(lambda: [decode_results(p) for p in payloads]))
         if name == "sqlite":
             out["baseline_s"].append(baseline_sqlite(rows, tmp / f"baseline{rep}.db"))
+            with open_store(f"sqlite:///{tmp}/store{rep}.db") as st:
+                out["store_s"].append(timed(partial(ingest_all, st, batches, 20)))
             r = await service_run(f"sqlite:///{tmp}/service{rep}.db", batches, tmp, mq, keys, args, profile)
         else:
             out["baseline_s"].append(await asyncio.to_thread(baseline_postgres, rows))
+            with pg_schema() as url, open_store(url) as st:
+                out["store_s"].append(timed(partial(ingest_all, st, batches, 20)))
             with pg_schema() as url:
                 r = await service_run(url, batches, tmp, mq, keys, args, profile)
         out["service_s"].append(r["seconds"])
@@ -376,6 +397,15 @@ async def amain(args: argparse.Namespace) -> None:
             f"{name:<9} {'service: broker→validate→store→ack':<44} {svc_best:>10,.0f} {svc_med:>10,.0f} "
             f"{ratio:>6.2f}x {ratio_med:>6.2f}x  >= {targets[name]:,} and >= 0.7x: {'met' if ok else 'MISSED'}"
         )
+        for label, key in (
+            ("reference: decode alone (no broker)", "decode_s"),
+            ("reference: Store.ingest alone, 20 batches/commit", "store_s"),
+        ):
+            ref = [b / x for b, x in zip(r["baseline_s"], r[key], strict=True)]
+            print(
+                f"{'':<9} {label:<44} {args.rows / min(r[key]):>10,.0f} {args.rows / statistics.median(r[key]):>10,.0f} "
+                f"{max(ref):>6.2f}x {statistics.median(ref):>6.2f}x"
+            )
         best_run = r["runs"][r["service_s"].index(min(r["service_s"]))]
         print(
             f"{'':<9} (best run: {best_run['commits']} commits, {best_run['acks']} acks published, "
@@ -390,6 +420,8 @@ async def amain(args: argparse.Namespace) -> None:
             "ratio": round(ratio, 3),
             "ratio_median": round(ratio_med, 3),
             "ratios": [round(x, 3) for x in pairs],
+            "decode_rows_per_s": round(args.rows / min(r["decode_s"])),
+            "store_ingest_rows_per_s": round(args.rows / min(r["store_s"])),
             "commits": best_run["commits"],
             "acks": best_run["acks"],
             "target_met": ok,
