@@ -14,8 +14,8 @@ For each backend (SQLite, PostgreSQL) and each repetition:
   * for attribution, the service's two halves alone, without a broker: decoding the payloads
     (``cloud.ingest.decode_results``) and ``Store.ingest`` of the decoded batches, 20 per commit.
 The ratio pairs each service run with the baseline run just before it (load on a shared machine
-drifts); best and median over the pairs. Then retraining (``train_from_store``, 10% newest held out) on ``--retrain-rows`` stored labelled
-rows, measured by ``bench_ingest_store.bench_retrain``. Prints a table and, last, one JSON line.
+drifts); best and median over the pairs. Then retraining (``train_from_store``, 10% newest held
+out) on ``--retrain-rows`` stored labelled rows, measured by ``bench_ingest_store.bench_retrain``. Prints a table and, last, one JSON line.
 """
 
 from __future__ import annotations
