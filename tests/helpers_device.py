@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,16 @@ def settings(
         else:
             data[k] = v
     return DeviceSettings.model_validate(data)
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
+    """Run a test scenario on a fresh event loop, bounded in time."""
+
+    async def bounded() -> Any:
+        async with asyncio.timeout(timeout):
+            return await coro
+
+    return asyncio.run(bounded())
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

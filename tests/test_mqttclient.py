@@ -7,33 +7,18 @@ import gc
 import random
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from brokers import Broker, BrokerTls, Pki
+from helpers_device import run, until
 
 from runtime.errors import ConfigError, TransportError
 from runtime.mqttclient import AsyncMqttClient, Backoff, MqttMessage, parse_broker_url
 from runtime.mqttcompat import MqttProtocol, TlsFiles
 
 FAST: dict[str, Any] = {"backoff_min": 0.05, "backoff_max": 0.2}
-
-
-def run(coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def client(url: str, name: str, **kw: Any) -> AsyncMqttClient:

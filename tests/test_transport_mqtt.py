@@ -8,13 +8,13 @@ import os
 import shutil
 import signal
 import sys
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from brokers import Broker, require_service
+from helpers_device import run, until
 
 from runtime.config import DeviceSettings
 from runtime.errors import ConfigError, ProtocolError, TransportError
@@ -24,22 +24,6 @@ from runtime.transports.memory import MemoryHub, MemoryUplink
 from runtime.transports.mqtt import MqttUplink, MqttUplinkSettings
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run(coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def clients() -> tuple[str, str]:
