@@ -16,13 +16,17 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
+from runtime.ed25519 import PublicKey
 from runtime.errors import ArtifactError, ConfigError, ProtocolError, SignatureError
 from runtime.protocol import ModelManifest, decode
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+# Signing (cloud, CLI) uses the ``cryptography`` package, imported where it is needed; verifying
+# (devices) uses runtime.ed25519, which keeps that package's 9 MB out of the daemon.
 
 __all__ = [
     "MANIFEST",
@@ -65,9 +69,18 @@ def sha256_file(path: Path) -> tuple[str, int]:
 # --------------------------------------------------------------------------- keys
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+def key_id(key: PublicKey | Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """The key id manifests carry: of a public key, or of a private key's public half."""
+    return (key if isinstance(key, PublicKey) else _public_of(key)).key_id
+
+
+def _public_of(key: Ed25519PublicKey | Ed25519PrivateKey) -> PublicKey:
+    """A ``cryptography`` key (public, or the public half of a private one) as a :class:`PublicKey`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return PublicKey(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -98,15 +111,20 @@ def generate_keypair(out_dir: Path, name: str = "fleet", overwrite: bool = False
     key_path, pub_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     if not overwrite and (key_path.exists() or pub_path.exists()):
         raise ConfigError(f"{key_path} or {pub_path} already exists (refusing to overwrite a signing key)", "out")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     atomic_write(key_path, pem, mode=0o600)
-    atomic_write(pub_path, pub, mode=0o644)
+    atomic_write(pub_path, _public_of(key).to_pem(), mode=0o644)
     return key_path, pub_path
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     path = Path(path)
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -124,33 +142,31 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(path: Path | bytes) -> Ed25519PublicKey:
+def load_public_key(path: Path | bytes) -> PublicKey:
+    """The fleet's public key from a PEM file (or PEM bytes)."""
     where = "public key" if isinstance(path, bytes) else str(path)
     try:
         data = path if isinstance(path, bytes) else Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read public key: {exc.strerror}", where) from exc
     try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError("not a PEM ed25519 public key", where) from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError("not an ed25519 public key", where)
-    return key
+        return PublicKey.from_pem(data)
+    except ValueError as exc:
+        raise ConfigError(str(exc), where) from None
 
 
 # --------------------------------------------------------------------------- sign / verify
 
 
 def sign_manifest(manifest: ModelManifest, key: Ed25519PrivateKey) -> ModelManifest:
-    unsigned = manifest.model_copy(update={"key_id": key_id(key.public_key()), "signature": None})
+    unsigned = manifest.model_copy(update={"key_id": key_id(key), "signature": None})
     # model_copy skips validation; round-trip so the signed object is exactly what a reader sees.
     unsigned = ModelManifest.model_validate(unsigned.model_dump(by_alias=True))
     sig = key.sign(canonical_bytes(unsigned))
     return unsigned.model_copy(update={"signature": base64.b64encode(sig).decode()})
 
 
-def verify_manifest(manifest: ModelManifest, public_key: Ed25519PublicKey) -> None:
+def verify_manifest(manifest: ModelManifest, public_key: PublicKey) -> None:
     """Raise SignatureError unless the manifest carries a valid signature by ``public_key``."""
     if not manifest.signature:
         raise SignatureError(f"model {manifest.name} v{manifest.version} is not signed")
@@ -158,12 +174,10 @@ def verify_manifest(manifest: ModelManifest, public_key: Ed25519PublicKey) -> No
         sig = base64.b64decode(manifest.signature, validate=True)
     except ValueError:
         raise SignatureError("signature is not valid base64") from None
-    try:
-        public_key.verify(sig, canonical_bytes(manifest))
-    except InvalidSignature:
+    if not public_key.verify(sig, canonical_bytes(manifest)):
         raise SignatureError(
             f"signature of model {manifest.name} v{manifest.version} does not verify with the fleet key"
-        ) from None
+        )
 
 
 @dataclass(frozen=True)
@@ -195,7 +209,7 @@ def read_bundle(path: Path) -> Bundle:
     return Bundle(path, manifest)
 
 
-def verify_bundle(path: Path, public_key: Ed25519PublicKey, max_artifact_bytes: int | None = None) -> Bundle:
+def verify_bundle(path: Path, public_key: PublicKey, max_artifact_bytes: int | None = None) -> Bundle:
     """Read a bundle, verify the signature, then the artifact's size and sha256. Raise on failure."""
     bundle = read_bundle(path)
     verify_manifest(bundle.manifest, public_key)

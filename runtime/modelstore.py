@@ -18,9 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from runtime.artifacts import MANIFEST, Bundle, atomic_write, verify_bundle, write_bundle
+from runtime.ed25519 import PublicKey
 from runtime.errors import ArtifactError, UpdateError
 from runtime.protocol import ModelManifest, ModelRef
 
@@ -30,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class ModelStore:
-    def __init__(self, state_dir: Path, public_key: Ed25519PublicKey, *, max_artifact_bytes: int | None = None) -> None:
+    def __init__(self, state_dir: Path, public_key: PublicKey, *, max_artifact_bytes: int | None = None) -> None:
         self.root = (Path(state_dir) / "models").resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / ".staging").mkdir(exist_ok=True)

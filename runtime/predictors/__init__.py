@@ -11,9 +11,8 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from runtime.artifacts import Bundle, load_public_key, verify_bundle
+from runtime.ed25519 import PublicKey
 from runtime.errors import ArtifactError, ModelError, SignatureError
 from runtime.predictors.base import InputSpec, Predictor
 from runtime.predictors.linear import LinearPredictor
@@ -76,7 +75,7 @@ def load_predictor(bundle: Bundle, *, onnx_threads: int = 1, backend: Backend = 
 
 def load_bundle(
     path: str | Path,
-    public_key: Ed25519PublicKey | str | Path | bytes,
+    public_key: PublicKey | str | Path | bytes,
     *,
     onnx_threads: int = 1,
     backend: Backend = "auto",
@@ -87,7 +86,7 @@ def load_bundle(
     ``public_key`` is a key object, a PEM file path, or PEM bytes."""
     key = (
         public_key
-        if isinstance(public_key, Ed25519PublicKey)
+        if isinstance(public_key, PublicKey)
         else load_public_key(public_key if isinstance(public_key, bytes) else Path(public_key))
     )
     bundle = verify_bundle(Path(path), key, max_artifact_bytes=max_artifact_bytes)
