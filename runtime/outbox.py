@@ -432,7 +432,8 @@ class Outbox:
                 continue
             a = lo + got - ch.first
             b = min(len(ch.ts), a + limit - got)
-            for col, src in zip(cols, (ch.ts, ch.mv, ch.y_pred, ch.x, ch.y_true), strict=True):
+            srcs: tuple[Sequence[Any], ...] = (ch.ts, ch.mv, ch.y_pred, ch.x, ch.y_true)
+            for col, src in zip(cols, srcs, strict=True):
                 col.extend(src[a:b])
             got += b - a
             if got >= limit:
