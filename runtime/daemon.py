@@ -548,6 +548,8 @@ async def run(settings: DeviceSettings, input_path: str | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)
+    if _early_stops:
+        daemon.request_stop()
     await daemon.start()
     if input_path == "-":
         daemon.add_source(StdinSource(daemon.pipeline))
@@ -581,7 +583,18 @@ def _release_memory() -> None:
         pass
 
 
+_early_stops: list[int] = []
+
+
+def _note_early_stop(signum: int, frame: Any) -> None:
+    _early_stops.append(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # A stop requested before the event loop takes the signals over (systemd stopping a unit it
+    # has just started) ends the same way as a later one: drain what is there, exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _note_early_stop)
     ap = argparse.ArgumentParser(prog="edgeloop device run", description="Run the edgeloop device daemon.")
     ap.add_argument("--config", required=True, type=Path)
     ap.add_argument("--input", default=None, help="JSON-lines readings: a file path or - for stdin")

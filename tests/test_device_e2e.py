@@ -213,3 +213,28 @@ def test_malformed_desired_and_commands_with_mosquitto_pub(tmp_path, fleet_keys,
         await d.shutdown(0.5)
 
     run(go())
+
+
+def test_sigterm_while_starting_still_exits_zero(tmp_path, fleet_keys, machine_broker, unique_id):
+    """systemd may stop a unit it has just started: the signal arrives before the event loop
+    takes the signals over (here: while the config is read), and the exit is still a clean 0."""
+    _, pub = fleet_keys
+    cfg = _write_config(tmp_path, pub, "dev-s", machine_broker, f"early{unique_id}")
+    code = (
+        "import os, signal, sys\n"
+        "import runtime.daemon as d\n"
+        "real = d.load_settings\n"
+        "def load(path):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(path)\n"
+        "d.load_settings = load\n"
+        f"sys.exit(d.main(['--config', {str(cfg)!r}]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -288,6 +288,15 @@ def write_device_config(path: Path, settings_obj: Any, **top: Any) -> Path:
     return path
 
 
+def daemon_running(state_dir: Path, p: subprocess.Popen[bytes]) -> bool:
+    """True once the daemon process ``p`` has started (its signal handlers are in place): its
+    status file names its pid."""
+    try:
+        return bool(json.loads((state_dir / "status.json").read_bytes()).get("pid") == p.pid)
+    except (OSError, ValueError):
+        return False
+
+
 def daemon_process(config: Path, input_path: Path | None = None, *, log: Path | None = None) -> subprocess.Popen[bytes]:
     """``python -m runtime.daemon --config CONFIG [--input FILE]``, stderr to ``log`` (or discarded)."""
     cmd = [sys.executable, "-m", "runtime.daemon", "--config", str(config)]

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from brokers import MosquittoBroker
-from chaos.faultkit import daemon_process, report, stored_seqs, write_device_config
+from chaos.faultkit import daemon_process, daemon_running, report, stored_seqs, write_device_config
 from helpers_cloud import start_cloud
 from helpers_device import linear_manifest, settings, until
 
@@ -135,6 +135,8 @@ def test_sigkill_at_random_points_of_the_write_path(
     async def run_until(cfg: Path, predicate: Any, what: str) -> None:
         p = daemon_process(cfg, log=log)
         try:
+            # up first: a predicate true at once would otherwise stop the daemon as it starts
+            await until(lambda: daemon_running(state, p) or p.poll() is not None, 60, f"daemon up ({what})")
             await until(predicate, 120, what)
         finally:
             p.send_signal(signal.SIGTERM)
