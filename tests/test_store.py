@@ -240,6 +240,55 @@ def test_x_round_trip_with_missing_values(store: Store) -> None:
     assert store.count_labelled(("a", "b")) == 0  # row 0 lacks b, row 1 lacks x, row 2 lacks y
 
 
+def test_every_row_of_every_batch_size_is_stored_as_sent(store: Store) -> None:
+    """Rows go in many per INSERT statement on SQLite; sizes around that count lose or shift none."""
+    d = dev()
+    sizes = [1, 63, 64, 65, 127, 128, 129, 500]
+    sent: list[ResultBatch] = []
+    first = 0
+    for k, n in enumerate(sizes):
+        sent.append(batch(d, first, n, labelled=k % 2 == 0, seed=k))
+        first += n
+    r = store.ingest(sent[:3])
+    r2 = store.ingest(sent[3:])
+    assert r.rows_stored + r2.rows_stored == first
+    rows = store.fetch_results(d, limit=10_000)
+    assert [x.seq for x in rows] == list(range(first))
+    want = [
+        (b.ts[i], b.model_version[i], b.y_pred[i], tuple(b.x[i]), b.y_true[i] if b.y_true else None)  # type: ignore[index, arg-type]
+        for b in sent
+        for i in range(b.n)
+    ]
+    assert [(x.ts, x.model_version, x.y_pred, x.x, x.y_true) for x in rows] == want
+    counts = store.counts()[d]
+    assert (counts.rows, counts.distinct_seqs) == (first, first)
+
+
+def test_two_step_write_commits_only_when_finished(store: Store, store_url: str) -> None:
+    """ingest_steps: the first step writes without committing (others see nothing); finish() commits
+    (on another thread, as the service does); a write abandoned between the steps rolls back."""
+    from cloud.store import finish
+
+    d = dev()
+    with open_store(store_url) as other:  # opened first: opening takes the write lock for the schema
+        steps = store.ingest_steps([batch(d, 0, 70)])
+        next(steps)
+        assert other.counts().get(d) is None
+        out: list[object] = []
+        t = threading.Thread(target=lambda: out.append(finish(steps)))
+        t.start()
+        t.join(30)
+        (res,) = out
+        assert res.rows_stored == 70 and res[d] == {"results": 69}  # type: ignore[attr-defined]
+        assert other.counts()[d].rows == 70
+
+    abandoned = store.ingest_steps([batch(d, 70, 10)])
+    next(abandoned)
+    abandoned.close()  # the service stopped between the steps
+    assert store.counts()[d].rows == 70
+    assert store.ingest([batch(d, 70, 10)])[d] == {"results": 79}  # the key was not taken
+
+
 # --------------------------------------------------------------------------- labelled data
 
 
