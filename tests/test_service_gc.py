@@ -1,0 +1,32 @@
+"""The cloud service's process tunes the garbage collector (cloud.service.relax_gc)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from cloud.service import _GC_THRESHOLDS, relax_gc
+
+
+@pytest.fixture(autouse=True)
+def restore_gc() -> Iterator[None]:
+    saved = gc.get_threshold()
+    yield
+    gc.set_threshold(*saved)
+
+
+def test_raises_the_default_thresholds() -> None:
+    gc.set_threshold(700, 10, 10)
+    relax_gc()
+    assert gc.get_threshold() == _GC_THRESHOLDS
+
+
+def test_never_lowers_a_higher_setting_and_leaves_collection_disabled() -> None:
+    gc.set_threshold(50_000, 5, 100)
+    relax_gc()
+    assert gc.get_threshold() == (50_000, _GC_THRESHOLDS[1], 100)
+    gc.set_threshold(0, 10, 10)
+    relax_gc()
+    assert gc.get_threshold()[0] == 0
