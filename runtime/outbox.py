@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 STREAMS: tuple[str, ...] = ("results", "telemetry", "stats")
 #: Lowest priority first: the caps drop telemetry, then stats, then results.
 DROP_ORDER: tuple[str, ...] = ("telemetry", "stats", "results")
+_RANK = {stream: i for i, stream in enumerate(DROP_ORDER)}
 #: Estimated bytes of a result row besides its ``x`` blob (five 8-byte columns plus record overhead).
 RESULT_ROW_BYTES = 48
 #: Estimated bytes of a message row besides its payload.
@@ -394,6 +395,7 @@ class Outbox:
         c = self._counters["results"]
         first = c.next_seq
         nbytes = n * RESULT_ROW_BYTES + sum(len(b) for b in xb if b is not None)
+        cut = 0  # rows of this batch the caps dropped at once
         with self._write("append results") as db:
             if n:
                 db.executemany(
@@ -405,10 +407,14 @@ class Outbox:
                 c.held_bytes += nbytes
                 self._bytes_written += nbytes
                 self._enforce_caps(db, {"results": first})
+                # a batch larger than the cap lost its own oldest rows: remember only the rest
+                cut = max((hi for s, _, hi in self._deleted if s == "results"), default=first - 1) + 1 - first
             if source_key is not None:
                 self._put_meta(db, self._user_key(source_key), source_position)
-        if n:
-            self._remember(_TailChunk(first, ts_a.tolist(), mv, _none_for_nan(y_pred_l), xb, _none_for_nan(y_true_l)))
+        if cut < n:
+            k = max(cut, 0)
+            ys = _none_for_nan(y_pred_l[k:]), _none_for_nan(y_true_l[k:])
+            self._remember(_TailChunk(first + k, ts_a[k:].tolist(), mv[k:], ys[0], xb[k:], ys[1]))
         return first, first + n - 1
 
     def _remember(self, chunk: _TailChunk) -> None:
@@ -498,10 +504,19 @@ class Outbox:
         return rows - self.max_rows, nbytes - self.max_bytes
 
     def _enforce_caps(self, db: sqlite3.Connection, appended: dict[str, int]) -> None:
-        # First pass spares the rows just appended (new data wins); the second drops them only if
-        # they alone exceed a cap.
+        """Get back under the caps after an append of ``appended`` (stream -> its first new seq).
+
+        Rows go oldest first, lowest-priority stream first, and never from a stream that outranks
+        every stream appended to: telemetry or stats taken during a long outage never push out a
+        result; when nothing of lower or equal rank is left to drop, the new message itself is
+        dropped (and counted). The first pass spares the rows just appended (new data wins within
+        a stream); the second drops them only if they alone exceed a cap.
+        """
+        top = max(_RANK[s] for s in appended)
         for spare in (True, False):
             for stream in DROP_ORDER:
+                if _RANK[stream] > top:
+                    break
                 over_rows, over_bytes = self._over()
                 if over_rows <= 0 and over_bytes <= 0:
                     return

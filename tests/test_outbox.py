@@ -364,20 +364,33 @@ def test_byte_cap_exact(db: Path) -> None:
     o.close()
 
 
-def test_new_data_wins(db: Path) -> None:
+def test_new_data_wins_but_results_outrank_telemetry(db: Path) -> None:
     o = Outbox(db, max_rows=100, max_bytes=10**9)
     assert add(o, 150) == (0, 149)  # a batch larger than the cap keeps its newest rows
     assert o.dropped()["results"] == 50 and o.depth()["results"] == 100
-    assert o.append_message("telemetry", b"t0") == 0  # the oldest result makes room
-    assert o.dropped() == {"results": 51, "telemetry": 0, "stats": 0}
-    assert o.append_message("telemetry", b"t1") == 1  # older telemetry goes before any result
-    assert o.dropped() == {"results": 51, "telemetry": 1, "stats": 0}
-    t = o.claim("telemetry", 1, now=0.0, resend_after=1.0)
-    assert t is not None and t.payload == b"t1"
+    # full of results: a telemetry message never pushes a result out; it is dropped itself, counted
+    assert o.append_message("telemetry", b"t0") == 0
+    assert o.dropped() == {"results": 50, "telemetry": 1, "stats": 0}
+    assert o.append_message("stats", b"s0") == 0
+    assert o.dropped() == {"results": 50, "telemetry": 1, "stats": 1}
+    assert o.depth() == {"results": 100, "telemetry": 0, "stats": 0}
+    assert o.claim("telemetry", 1, now=0.0, resend_after=1.0) is None
+    # with room made (rows acknowledged), telemetry is held; then new results push it out first
+    c = o.claim("results", 10, now=0.0, resend_after=1.0)  # the oldest kept rows, not the dropped ones
+    assert c is not None and (c.seq_first, c.seq_last, c.floor) == (50, 59, 49)
+    o.ack("results", c.seq_last)
+    assert o.append_message("telemetry", b"t1") == 1
+    assert o.append_message("stats", b"s1") == 1
+    assert add(o, 9) == (150, 158)  # 90 + 2 messages + 9: one over, and telemetry goes first
+    assert o.dropped() == {"results": 50, "telemetry": 2, "stats": 1}
+    assert add(o, 1) == (159, 159)  # then stats
+    assert o.dropped() == {"results": 50, "telemetry": 2, "stats": 2}
+    assert add(o, 1) == (160, 160)  # nothing of lower rank left: the oldest result goes
+    assert o.dropped() == {"results": 51, "telemetry": 2, "stats": 2}
+    accounted(o, {"results": 10})
     big = Outbox(db.with_name("big.db"), max_rows=100, max_bytes=1000)
     assert big.append_message("stats", b"x" * 5000) == 0  # alone over the cap: counted as dropped
     assert big.dropped()["stats"] == 1 and big.depth()["stats"] == 0
-    accounted(o, {})
     o.close()
     big.close()
 

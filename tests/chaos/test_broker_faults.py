@@ -176,11 +176,10 @@ def test_long_outage_overruns_the_outbox_cap_with_exact_drop_counts(
         dropped = d.outbox.dropped()["results"]
         held = d.outbox.depth()["results"]
         assert (accepted, held, dropped) == (before + during, cap, during - cap)
-        # Telemetry taken during the outage joins the full outbox. New data wins: the outbox keeps the
-        # new message and drops the oldest result for it (counted like every drop).
+        # Telemetry taken during the outage meets a full outbox. Results outrank telemetry: the
+        # outbox drops the new message rather than a result (counted like every drop).
         d.outbox.append_message("telemetry", d.telemetry().to_bytes())
-        assert d.outbox.dropped() == {"results": dropped + 1, "telemetry": 0, "stats": 0}
-        dropped += 1
+        assert d.outbox.dropped() == {"results": dropped, "telemetry": 1, "stats": 0}
 
         await asyncio.to_thread(private_broker.start)
         await until(lambda: sum(d.outbox.depth().values()) == 0, 60, "the backlog drained after the outage")
@@ -193,7 +192,9 @@ def test_long_outage_overruns_the_outbox_cap_with_exact_drop_counts(
         )
         assert len(seqs) + dropped == accepted and len(seqs) == len(set(seqs))
         assert missing == list(range(before, before + dropped)), "the oldest unacknowledged rows went first"
-        await until(lambda: (svc.store.get_device("dev-cap").drops or 0) == dropped, 10, "drops reported to the cloud")
+        await until(
+            lambda: (svc.store.get_device("dev-cap").drops or 0) == dropped + 1, 10, "drops reported to the cloud"
+        )
         await d.shutdown(0.5)
         await svc.stop()
         return {"accepted": accepted, "stored": len(seqs), "dropped": dropped}
