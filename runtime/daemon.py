@@ -8,6 +8,21 @@ stops intake, commits the last micro-batch, drains the outbox while the broker a
 
 from __future__ import annotations
 
+import signal
+
+_early_stops: list[int] = []
+
+
+def _note_early_stop(signum: int, frame: object) -> None:
+    _early_stops.append(signum)
+
+
+if __name__ == "__main__":
+    # ``python -m runtime.daemon`` (what systemd runs): a stop requested while the modules below
+    # load (~0.2 s) ends like a later one (drain, exit 0), not in the default death by signal.
+    for _sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_sig, _note_early_stop)
+
 import argparse
 import asyncio
 import contextlib
@@ -16,7 +31,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -583,16 +597,10 @@ def _release_memory() -> None:
         pass
 
 
-_early_stops: list[int] = []
-
-
-def _note_early_stop(signum: int, frame: Any) -> None:
-    _early_stops.append(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     # A stop requested before the event loop takes the signals over (systemd stopping a unit it
-    # has just started) ends the same way as a later one: drain what is there, exit 0.
+    # has just started) ends the same way as a later one: drain what is there, exit 0. (Run as
+    # ``python -m``, the module already did this before its imports.)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _note_early_stop)
     ap = argparse.ArgumentParser(prog="edgeloop device run", description="Run the edgeloop device daemon.")
