@@ -1,15 +1,14 @@
-"""Helpers for the cloud-SDK transport tests: a throwaway PKI and private Mosquitto brokers with TLS.
+"""Helpers for the cloud-SDK transport tests: private Mosquitto brokers with TLS, fakes of the SDKs' peers.
 
-Everything listens on loopback only. The PKI is made with ``cryptography``: a CA, a server
-certificate for 127.0.0.1 / localhost (SAN), and client certificates whose common name is the
-MQTT identity (Mosquitto's ``use_identity_as_username``).
+Everything listens on loopback only. The PKI is :class:`brokers.Pki` (re-exported here): a CA, a
+server certificate for 127.0.0.1 / localhost (SAN), and client certificates whose common name is
+the MQTT identity (Mosquitto's ``use_identity_as_username``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
 import json
 import os
 import pwd
@@ -23,15 +22,11 @@ import zlib
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from brokers import Pki
 
 __all__ = [
     "FakeNucleus",
@@ -86,105 +81,6 @@ async def wait_until_async(predicate: Callable[[], bool], timeout: float, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(interval)
-
-
-# --------------------------------------------------------------------------- PKI
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    path.chmod(0o600)
-
-
-@dataclass
-class Pki:
-    """A CA in ``folder`` that issues a server certificate and client certificates on demand."""
-
-    folder: Path
-    ca_cert: Path
-    ca_key_obj: ec.EllipticCurvePrivateKey
-    ca_obj: x509.Certificate
-
-    @classmethod
-    def create(cls, folder: Path, name: str = "edgeloop test CA") -> Pki:
-        folder.mkdir(parents=True, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(_name(name))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        path = folder / "ca.pem"
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return cls(folder=folder, ca_cert=path, ca_key_obj=key, ca_obj=cert)
-
-    def _issue(self, cn: str, *, server: bool, stem: str) -> tuple[Path, Path]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(cn))
-            .issuer_name(self.ca_obj.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key_obj.public_key()), critical=False
-            )
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]),
-                critical=False,
-            )
-        cert = builder.sign(self.ca_key_obj, hashes.SHA256())
-        cert_path = self.folder / f"{stem}.pem"
-        key_path = self.folder / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key, key_path)
-        return cert_path, key_path
-
-    def server(self) -> tuple[Path, Path]:
-        """A server certificate for ``localhost`` and ``127.0.0.1``."""
-        return self._issue("localhost", server=True, stem="server")
-
-    def client(self, cn: str) -> tuple[Path, Path]:
-        """A client certificate whose common name (the MQTT identity) is ``cn``."""
-        return self._issue(cn, server=False, stem=f"client-{cn}")
 
 
 # --------------------------------------------------------------------------- Mosquitto

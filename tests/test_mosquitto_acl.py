@@ -123,7 +123,7 @@ def production_config(port: int, pki: Pki, server: tuple[Path, Path], data: Path
     """The shipped config with only the port, file paths and storage folder replaced."""
     replace = {
         "listener": f"{port} 127.0.0.1",
-        "cafile": str(pki.ca_cert),
+        "cafile": str(pki.ca),
         "certfile": str(server[0]),
         "keyfile": str(server[1]),
         "acl_file": str(ACL),
@@ -194,7 +194,7 @@ def connect(broker: Broker, pki: Pki, cn: str, *, client_id: str | None = None, 
     mqttc = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id or f"{cn}-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv5
     )
-    mqttc.tls_set(ca_certs=str(pki.ca_cert), certfile=str(cert), keyfile=str(key), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    mqttc.tls_set(ca_certs=str(pki.ca), certfile=str(cert), keyfile=str(key), tls_version=ssl.PROTOCOL_TLS_CLIENT)
     if will is not None:
         mqttc.will_set(will, b"offline", qos=1)
     c = Client(cn, mqttc)
@@ -229,7 +229,7 @@ def connect(broker: Broker, pki: Pki, cn: str, *, client_id: str | None = None, 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki.create(tmp_path_factory.mktemp("pki"))
+    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +361,7 @@ def mqtt_connect_over_tls(broker: Broker, ctx: ssl.SSLContext) -> bytes:
 
 
 def tls_context(pki: Pki, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
     if cert is not None:
         ctx.load_cert_chain(str(cert), str(key) if key else None)
     return ctx
@@ -374,7 +374,7 @@ def test_connection_without_a_fleet_certificate_is_refused(broker: Broker, tmp_p
     # No client certificate at all (require_certificate true): no CONNACK.
     assert mqtt_connect_over_tls(broker, tls_context(pki)) == b""
     # A certificate from another CA, even with the cloud's CN: no CONNACK.
-    rogue = Pki.create(tmp_path / "rogue")
+    rogue = Pki(tmp_path / "rogue")
     assert mqtt_connect_over_tls(broker, tls_context(pki, *rogue.client(CLOUD_CN))) == b""
 
 

@@ -309,7 +309,7 @@ def test_download_size_is_capped_before_and_while_reading(tmp_path: Path, artifa
 @pytest.fixture
 def https_server(tmp_path: Path) -> Iterator[tuple[str, Pki, FaultServer]]:
     """An https server whose certificate is issued by a CA the system does not know."""
-    pki = Pki.create(tmp_path / "pki")
+    pki = Pki(tmp_path / "pki")
     cert, key = pki.server()
     with FaultServer() as plain:
         plain.files["model.onnx"] = linear_onnx([1.0, 1.0], 0.0)
@@ -362,12 +362,12 @@ def test_tls_is_verified_by_default(tmp_path: Path, https_server: tuple[str, Pki
     with pytest.raises(UpdateError, match="CERTIFICATE_VERIFY_FAILED"):
         download(f"{base}/model.onnx", dest, **args)
     # the same server with its CA trusted works: the refusal above was the verification
-    got = download(f"{base}/model.onnx", dest, ca_file=pki.ca_cert, **args)
+    got = download(f"{base}/model.onnx", dest, ca_file=pki.ca, **args)
     assert got.read_bytes() == data
     got.unlink()
     # and a trusted https server cannot redirect the device to plain http
     with pytest.raises(UpdateError, match="redirect to a 'http' URL is not allowed"):
-        download(f"{base}/downgrade", dest, ca_file=pki.ca_cert, **args)
+        download(f"{base}/downgrade", dest, ca_file=pki.ca, **args)
     assert plain.hits == {}
     assert list(dest.iterdir()) == []
 

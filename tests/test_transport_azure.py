@@ -186,7 +186,7 @@ else:
 
     @pytest.fixture(scope="module")
     def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-        return Pki.create(tmp_path_factory.mktemp("azure-pki"))
+        return Pki(tmp_path_factory.mktemp("azure-pki"))
 
     @contextmanager
     def hub_broker(pki: Pki, folder: Path, *, client_certs: bool = False) -> Iterator[None]:
@@ -197,7 +197,7 @@ else:
         # subscribe again after a reconnect), so the broker keeps sessions across a restart too.
         config = (
             f"allow_anonymous true\npersistence true\npersistence_location {folder}/\nlog_dest stdout\n"
-            f"listener {HUB_PORT} 127.0.0.1\ncafile {pki.ca_cert}\ncertfile {cert}\nkeyfile {key}\n"
+            f"listener {HUB_PORT} 127.0.0.1\ncafile {pki.ca}\ncertfile {cert}\nkeyfile {key}\n"
         )
         if client_certs:
             config += "require_certificate true\nuse_identity_as_username true\n"
@@ -207,7 +207,7 @@ else:
     @pytest.fixture
     def hub(pki: Pki, tmp_path: Path) -> Iterator[IoTHub]:
         with hub_broker(pki, tmp_path / "broker"):
-            h = IoTHub(pki.ca_cert)
+            h = IoTHub(pki.ca)
             try:
                 yield h
             finally:
@@ -226,7 +226,7 @@ else:
                     "transport": "azure-iot",
                     "url": "azure://localhost",
                     "connection_string": f"HostName=localhost;DeviceId={device};SharedAccessKey={_key()}",
-                    "ca": pki.ca_cert,
+                    "ca": pki.ca,
                     "backoff_min": 0.2,
                     "backoff_max": 2.0,
                     **broker,
@@ -443,7 +443,7 @@ else:
                 await uplink.stop()
 
         with hub_broker(pki, tmp_path / "broker", client_certs=True):
-            hub = IoTHub(pki.ca_cert, cert=pki.client("hub"))
+            hub = IoTHub(pki.ca, cert=pki.client("hub"))
             try:
                 run_async(scenario(hub))
                 wait_until(lambda: bool(hub.events_of("telemetry")), 10, "the x509 device's message")
@@ -462,7 +462,7 @@ else:
 
         async def scenario() -> None:
             with hub_broker(pki, folder):
-                hub = IoTHub(pki.ca_cert)
+                hub = IoTHub(pki.ca)
                 hub.desired = {DESIRED_KEY: {"issued_at": 1.0}, "$version": 2}
                 await _connected(uplink, rec)
                 hub.close()
@@ -471,7 +471,7 @@ else:
             with pytest.raises(TransportError, match="not connected"):
                 await uplink.publish("telemetry", b"{}")
             with hub_broker(pki, folder):
-                hub = IoTHub(pki.ca_cert)
+                hub = IoTHub(pki.ca)
                 hub.desired = {DESIRED_KEY: {"issued_at": 2.0}, "$version": 5}  # deployed while we were away
                 try:
                     async with asyncio.timeout(30):
@@ -498,7 +498,7 @@ else:
             "EdgeHubConnectionString",
             f"HostName=localhost;GatewayHostName=localhost;DeviceId={device};ModuleId={module};SharedAccessKey={_key()}",
         )
-        monkeypatch.setenv("EdgeModuleCACertificateFile", str(pki.ca_cert))
+        monkeypatch.setenv("EdgeModuleCACertificateFile", str(pki.ca))
         hub.desired = {DESIRED_KEY: {"config": {"telemetry_interval": 30.0}}, "$version": 2}
         settings = _settings(tmp_path, pki, device, transport="azure-edge", connection_string=None, ca=None)
 
