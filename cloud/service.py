@@ -38,7 +38,8 @@ def relax_gc() -> None:
     commit. With CPython's default thresholds (700, 10, 10) the collector runs on every message
     and its older generations rescan every batch still pending: a quarter of ingest's CPU, for
     objects that hold no cycles. ``benchmarks/bench_ingest.py``: about 310k → 420k rows/s into
-    SQLite. Never lowers a threshold someone set higher.
+    SQLite. Never lowers a threshold someone set higher. The setting is process-wide: a program
+    that embeds :class:`CloudService` gets it too (``gc.set_threshold`` after ``start`` undoes it).
     """
     t0, t1, t2 = gc.get_threshold()
     if t0:  # 0: collection is disabled; leave it so
