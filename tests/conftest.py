@@ -13,6 +13,7 @@ Broker fixtures (the Mosquitto process itself lives in tests/brokers.py):
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,16 @@ from typing import Any
 import brokers
 import pytest
 from brokers import Broker, Pki
+
+
+@pytest.fixture(autouse=True)
+def _restore_gc_thresholds() -> Iterator[None]:
+    """A test that starts a CloudService in this process raises the collector's thresholds
+    (``cloud.service.relax_gc``, process-wide by design); put them back, so no test changes when
+    garbage left by the next ones is collected."""
+    saved = gc.get_threshold()
+    yield
+    gc.set_threshold(*saved)
 
 
 @pytest.fixture
