@@ -12,13 +12,11 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from cloud.store import finish
 from runtime.errors import ProtocolError
 from runtime.protocol import (
     MAX_PAYLOAD_BYTES,
@@ -185,30 +183,18 @@ class Ingester:
         service runs it in a worker thread while the event loop goes on decoding; calls of
         ``write`` must not overlap each other.
         """
-        steps = self.write_steps(p)
-        next(steps)
-        return finish(steps)
-
-    def write_steps(self, p: Pending) -> Generator[None, None, list[Ack]]:
-        """:meth:`write` in two steps, as :meth:`Store.ingest_steps`: ``next()`` writes without
-        committing; :func:`cloud.store.finish` commits and returns the acks."""
         now = time.time()
         watermarks: dict[str, dict[str, int]] = {}
         f = self.fleet
         if p.results or p.telemetry or p.suffstats:
-            steps = self.store.ingest_steps(
+            res = self.store.ingest(
                 [(f, b) for b in p.results], [(f, t) for t in p.telemetry], [(f, s) for s in p.suffstats], now=now
             )
-            next(steps)
-            yield
-            res = finish(steps)
             watermarks = res.watermarks
             self.stats.rows += res.rows_stored
             self.stats.duplicates += res.duplicates
             for rej in res.rejected:
                 self._invalid(rej.device, rej.stream, rej.reason)
-        else:
-            yield
         # one transaction each, not one per message: a fleet reconnecting or updating sends 1000s at once
         self.store.update_devices_from_reported([(r, f) for r in p.reported], now=now)
         self.store.update_devices_from_status([(s, f) for s in p.status], now=now)

@@ -17,7 +17,7 @@ from cloud.errors import CloudError
 from cloud.fleet import RolloutController
 from cloud.ingest import Ingester
 from cloud.registry import Registry
-from cloud.store import Store, finish, open_store
+from cloud.store import Store, open_store
 from cloud.trainer import Trainer
 from runtime.artifacts import load_private_key
 from runtime.errors import EdgeloopError
@@ -150,11 +150,10 @@ class CloudService:
     async def _store_pending(self) -> list[Ack]:
         """Store what is pending in one transaction; return the acks to publish.
 
-        SQLite writes on the loop and commits in a worker thread: the writing holds the GIL
-        (a worker thread would only convoy with the decoding here, each waiting the GIL's
-        switch interval for the other), while the commit is an fsync that needs no GIL, so the
-        loop goes on decoding the next messages during it. PostgreSQL writes in a worker thread:
-        the server does the work, and a slow network cannot stall the loop.
+        SQLite writes inline (short, local; sqlite3 takes the GIL back for every statement, so a
+        worker thread would only convoy with the decoding here; and one thread per transaction
+        means no write lock is ever held across an await). PostgreSQL writes in a worker thread:
+        the server does the work, the loop goes on decoding, and a slow network cannot stall it.
         """
         async with self._commit_lock:
             await self._write_done()
@@ -162,11 +161,8 @@ class CloudService:
                 return []
             taken = self.ingester.take()
             if self.store.dialect == "sqlite":
-                steps = self.ingester.write_steps(taken)
-                next(steps)
-                self._writing = asyncio.ensure_future(asyncio.to_thread(finish, steps))
-            else:
-                self._writing = asyncio.ensure_future(asyncio.to_thread(self.ingester.write, taken))
+                return self.ingester.write(taken)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self.ingester.write, taken))
             return await asyncio.shield(self._writing)
 
     async def _send_acks(self, acks: list[Ack]) -> int:

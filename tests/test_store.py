@@ -264,31 +264,6 @@ def test_every_row_of_every_batch_size_is_stored_as_sent(store: Store) -> None:
     assert (counts.rows, counts.distinct_seqs) == (first, first)
 
 
-def test_two_step_write_commits_only_when_finished(store: Store, store_url: str) -> None:
-    """ingest_steps: the first step writes without committing (others see nothing); finish() commits
-    (on another thread, as the service does); a write abandoned between the steps rolls back."""
-    from cloud.store import finish
-
-    d = dev()
-    with open_store(store_url) as other:  # opened first: opening takes the write lock for the schema
-        steps = store.ingest_steps([batch(d, 0, 70)])
-        next(steps)
-        assert other.counts().get(d) is None
-        out: list[object] = []
-        t = threading.Thread(target=lambda: out.append(finish(steps)))
-        t.start()
-        t.join(30)
-        (res,) = out
-        assert res.rows_stored == 70 and res[d] == {"results": 69}  # type: ignore[attr-defined]
-        assert other.counts()[d].rows == 70
-
-    abandoned = store.ingest_steps([batch(d, 70, 10)])
-    next(abandoned)
-    abandoned.close()  # the service stopped between the steps
-    assert store.counts()[d].rows == 70
-    assert store.ingest([batch(d, 70, 10)])[d] == {"results": 79}  # the key was not taken
-
-
 # --------------------------------------------------------------------------- labelled data
 
 

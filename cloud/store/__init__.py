@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
-from cloud.store.base import Store, finish
+from cloud.store.base import Store
 from cloud.store.catalog import MODEL_STATUSES
 from cloud.store.records import (
     ROLLOUT_TERMINAL_STATES,
@@ -69,7 +69,6 @@ __all__ = [
     "RolloutRecord",
     "RowKey",
     "Store",
-    "finish",
     "Window",
     "open_store",
 ]

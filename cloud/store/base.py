@@ -12,11 +12,11 @@ import logging
 import struct
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 
@@ -41,9 +41,7 @@ from runtime.protocol import DesiredState, ReportedState, ResultBatch, Status, S
 if TYPE_CHECKING:
     from cloud.training import SuffStats
 
-__all__ = ["Store", "finish"]
-
-R = TypeVar("R")
+__all__ = ["Store"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +64,6 @@ class Segment:
     batch: ResultBatch
     fset: int | None
     spans: list[tuple[int, int]]
-
-
-def finish(steps: Generator[None, None, R]) -> R:
-    """Run the last step of a two-step write (:meth:`Store.ingest_steps`) and return its result."""
-    try:
-        next(steps)
-    except StopIteration as done:
-        return cast(R, done.value)
-    steps.close()
-    raise RuntimeError("a two-step write yielded more than once")
 
 
 def _split(item: Any) -> tuple[str | None, Any]:
@@ -226,27 +214,6 @@ class Store(CatalogMixin, ABC):
     ) -> IngestResult:
         """Store many messages in ONE transaction, each ``(device, stream, seq_first, seq_last)`` once.
 
-        See :meth:`ingest_steps` for the rules; this runs both of its steps."""
-        steps = self.ingest_steps(results, telemetry, stats, now=now)
-        next(steps)
-        return finish(steps)
-
-    def ingest_steps(
-        self,
-        results: Sequence[ResultBatch | tuple[str | None, ResultBatch]] = (),
-        telemetry: Sequence[Telemetry | tuple[str | None, Telemetry]] = (),
-        stats: Sequence[SufficientStats | tuple[str | None, SufficientStats]] = (),
-        *,
-        now: float | None = None,
-    ) -> Generator[None, None, IngestResult]:
-        """:meth:`ingest` in two steps: ``next()`` writes everything but does not commit; then
-        :func:`finish` commits and returns the :class:`IngestResult`.
-
-        The steps may run on different threads (never at once). The service writes (CPU-bound,
-        holding the GIL) on its event loop, then commits (an fsync, without the GIL) in a worker
-        thread while the loop goes on decoding the next messages. Until the commit, the
-        transaction holds the database's write lock.
-
         Each message may be given bare or as ``(fleet, message)`` (the fleet from its topic, recorded
         on the device row). A batch whose key is already stored (a redelivery) stores no rows; a new
         batch stores only the sequence numbers not stored before (a re-batched resend) and not at or
@@ -265,7 +232,6 @@ class Store(CatalogMixin, ABC):
         tels = self._accept(telemetry, "telemetry", out)
         sts = self._accept(stats, "stats", out)
         if not (batches or tels or sts):
-            yield
             return out
         keys: set[StreamKey] = set()
         fleets: dict[str, str | None] = {}
@@ -340,7 +306,6 @@ class Store(CatalogMixin, ABC):
                     latest[t.device] = t
             for t in latest.values():
                 self._apply_telemetry(conn, t)
-            yield  # everything is written; the caller commits by resuming (on any thread)
         self._fsets.update(pending)
         for (device, stream), st in states.items():
             out.watermarks.setdefault(device, {})[stream] = st.watermark
