@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from runtime.mqttcompat import close_socket
 from runtime.protocol import MAX_PAYLOAD_BYTES, topic
 
 pytestmark = pytest.mark.mosquitto
@@ -187,6 +188,7 @@ class Client:
     def close(self) -> None:
         self.mqttc.disconnect()
         self.mqttc.loop_stop()
+        close_socket(self.mqttc)  # and paho's wake-up socket pair, which loop_stop leaves open
 
 
 def connect(broker: Broker, pki: Pki, cn: str, *, client_id: str | None = None, will: str | None = None) -> Client:
@@ -402,5 +404,7 @@ def test_will_message_cannot_speak_for_another_device(broker: Broker, pki: Pki, 
         drop(own)
         got = cloud.receive(topic(fleet, "device-a", "status"), b"offline")
         assert [m.topic for m in got] == [topic(fleet, "device-a", "status")], "a forged will reached the cloud"
+        for c in (forged, own):
+            close_socket(c.mqttc)
     finally:
         cloud.close()

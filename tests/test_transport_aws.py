@@ -37,6 +37,7 @@ from helpers_cloudsdk import (
 from runtime import protocol
 from runtime.config import DeviceSettings
 from runtime.errors import ConfigError, TransportError
+from runtime.mqttcompat import close_socket
 
 pytest.importorskip("awscrt", reason="awsiotsdk is not installed: pip install 'edgeloop[aws]'")
 paho = pytest.importorskip("paho.mqtt.client")
@@ -136,6 +137,7 @@ class Cloud:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        close_socket(self.client)  # and paho's wake-up socket pair, which loop_stop leaves open
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from helpers_cloudsdk import Pki, require, run_async, run_mosquitto, wait_until,
 from runtime import protocol
 from runtime.config import DeviceSettings
 from runtime.errors import ConfigError, TransportError
+from runtime.mqttcompat import close_socket
 
 ROOT = Path(__file__).resolve().parents[1]
 NETNS_MARK = "EDGELOOP_TEST_NETNS"
@@ -183,6 +184,7 @@ else:
         def close(self) -> None:
             self.client.disconnect()
             self.client.loop_stop()
+            close_socket(self.client)  # and paho's wake-up socket pair, which loop_stop leaves open
 
     @pytest.fixture(scope="module")
     def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
