@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 _INGEST_SUFFIXES = ("results", "telemetry", "stats", "reported", "status", "cmd/result")
 
 
+_GC_THRESHOLDS = (10_000, 20, 20)
+
+
 def relax_gc() -> None:
     """Run the cyclic garbage collector less often in this process (it is the service's process).
 
@@ -44,9 +47,6 @@ def relax_gc() -> None:
     t0, t1, t2 = gc.get_threshold()
     if t0:  # 0: collection is disabled; leave it so
         gc.set_threshold(max(t0, _GC_THRESHOLDS[0]), max(t1, _GC_THRESHOLDS[1]), max(t2, _GC_THRESHOLDS[2]))
-
-
-_GC_THRESHOLDS = (10_000, 20, 20)
 
 
 class CloudService:

@@ -395,7 +395,7 @@ class Outbox:
         c = self._counters["results"]
         first = c.next_seq
         nbytes = n * RESULT_ROW_BYTES + sum(len(b) for b in xb if b is not None)
-        cut = 0  # rows of this batch the caps dropped at once
+        kept = first  # the first row of this batch the caps left in place
         with self._write("append results") as db:
             if n:
                 db.executemany(
@@ -408,13 +408,13 @@ class Outbox:
                 self._bytes_written += nbytes
                 self._enforce_caps(db, {"results": first})
                 # a batch larger than the cap lost its own oldest rows: remember only the rest
-                cut = max((hi for s, _, hi in self._deleted if s == "results"), default=first - 1) + 1 - first
+                kept = max([first] + [hi + 1 for s, _, hi in self._deleted if s == "results"])
             if source_key is not None:
                 self._put_meta(db, self._user_key(source_key), source_position)
-        if cut < n:
-            k = max(cut, 0)
-            ys = _none_for_nan(y_pred_l[k:]), _none_for_nan(y_true_l[k:])
-            self._remember(_TailChunk(first + k, ts_a[k:].tolist(), mv[k:], ys[0], xb[k:], ys[1]))
+        if kept < first + n:
+            k = kept - first
+            yp, yt = _none_for_nan(y_pred_l[k:]), _none_for_nan(y_true_l[k:])
+            self._remember(_TailChunk(kept, ts_a[k:].tolist(), mv[k:], yp, xb[k:], yt))
         return first, first + n - 1
 
     def _remember(self, chunk: _TailChunk) -> None:

@@ -1,20 +1,12 @@
-"""The cloud service's process tunes the garbage collector (cloud.service.relax_gc)."""
+"""The cloud service's process tunes the garbage collector (cloud.service.relax_gc).
+
+tests/conftest.py puts the thresholds back after every test."""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
-
-import pytest
 
 from cloud.service import _GC_THRESHOLDS, relax_gc
-
-
-@pytest.fixture(autouse=True)
-def restore_gc() -> Iterator[None]:
-    saved = gc.get_threshold()
-    yield
-    gc.set_threshold(*saved)
 
 
 def test_raises_the_default_thresholds() -> None:
